@@ -1,0 +1,34 @@
+# rdro: `make test` and `make demo` work on a fresh machine (CPU, offline except PyPI).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# torch is pinned in the same pip command as everything else so no CUDA wheels are pulled.
+TORCH := torch==2.13.0
+
+.PHONY: setup test test-fast lint demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH) -e '.[dev,report,demo]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+setup: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check rdro_cli tests benchmarks scripts
+
+test: $(STAMP) lint
+	$(OFFLINE) $(BIN)/python -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(OFFLINE) PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
