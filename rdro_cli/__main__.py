@@ -1,0 +1,3 @@
+from rdro_cli.cli import app
+
+app()

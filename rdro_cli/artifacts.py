@@ -1,0 +1,179 @@
+"""Manifests, fingerprints and atomic writes shared by every stage.
+
+A stage directory counts as finished only when its `manifest.json` exists. Outputs are built in a
+temporary sibling and renamed into place, so a killed stage never leaves a directory that looks done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rdro_cli.errors import UserError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+_PACKAGES = ("rdro-cli", "torch", "transformers", "accelerate", "peft", "datasets", "safetensors")
+
+
+def cache_dir() -> Path:
+    """Per-user cache (converted models, file hashes); RDRO_CACHE_DIR overrides."""
+    root = os.environ.get("RDRO_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rdro"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def fingerprint_json(obj: Any) -> str:
+    """sha256 of a JSON-serialisable object with sorted keys (stable across runs)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_file_cached(path: str | Path) -> str:
+    """sha256 of a file's bytes, cached by (path, size, mtime) so multi-GB weights are read once."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_file = cache_dir() / "file_hashes.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = _hash_file(path)
+        write_text_atomic(cache_file, json.dumps(cache))
+    return cache[key]
+
+
+def fingerprint_files(paths: list[Path]) -> str:
+    """Identity of a set of files by their names and content hashes."""
+    return fingerprint_json({Path(p).name: hash_file_cached(p) for p in sorted(paths)})
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_manifest(directory: Path, *, stage: str, fingerprint: str, inputs: dict[str, str],
+                   config: dict, counts: dict, started: float, **extra: Any) -> dict:
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "inputs": inputs,
+        "config": config,
+        "versions": package_versions(),
+        "wall_seconds": round(time.time() - started, 3),
+        "counts": counts,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **extra,
+    }
+    write_text_atomic(Path(directory) / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def require_input(directory: Path, stage: str, *, rerun: str | None = None) -> dict:
+    """The manifest of a finished upstream stage, or a one-line error naming what to run."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    rerun = rerun or f"rdro {stage}"
+    if manifest is None:
+        state = "is incomplete (no manifest.json)" if directory.exists() else "does not exist"
+        raise UserError(f"{directory}: {stage} output {state}; run `{rerun}` first")
+    if manifest.get("stage") != stage:
+        raise UserError(f"{directory}: expected a {stage} artifact, found {manifest.get('stage')!r}")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{directory}: written by an incompatible rdro version; re-run `{rerun}` with --force")
+    return manifest
+
+
+def check_inputs_match(directory: Path, manifest: dict, expected: dict[str, str], *, rerun: str) -> None:
+    """Refuses an artifact whose recorded inputs differ from the ones at hand."""
+    recorded = manifest.get("inputs", {})
+    for name, fingerprint in expected.items():
+        if recorded.get(name) != fingerprint:
+            raise UserError(f"{directory}: was computed for a different {name} than the one given now; "
+                            f"re-run `{rerun}` (with --force to overwrite)")
+
+
+def is_done(directory: Path, fingerprint: str) -> bool:
+    """True when the stage output exists, is complete and was made from the same inputs and config."""
+    manifest = read_manifest(directory)
+    return manifest is not None and manifest.get("fingerprint") == fingerprint
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yields a temporary sibling of `final`; on success it replaces `final` in one rename.
+
+    On an exception (or a kill) `final` is untouched and the temporary directory is removed
+    (or, after SIGKILL, left under a name no stage accepts).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def clean_stale(final: Path) -> None:
+    """Removes temporary siblings left by killed runs (`<name>.tmp-*`, `<name>.old-*`)."""
+    final = Path(final)
+    if final.parent.exists():
+        for stale in final.parent.glob(f"{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in final.parent.glob(f"{final.name}.old-*"):
+            shutil.rmtree(stale, ignore_errors=True)
