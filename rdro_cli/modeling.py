@@ -1,0 +1,589 @@
+"""Loading models and tokenizers, and the chunked completion log-prob head shared by logprobs, train and eval.
+
+The number every stage needs is DESIGN.md §1's ``s = Σ_t log π(y_t | x, y_<t)`` over completion tokens.
+``completion_logps`` computes it without a ``[batch, seq, vocab]`` tensor: it runs the transformer body,
+keeps the hidden states only at the N positions that predict completion tokens, and applies the LM head to
+``chunk_size`` of them at a time (log-softmax in float32 per chunk). With gradients it goes through
+``_ChunkedHeadLogps``, whose backward recomputes each chunk's logits, so training memory stays
+O(chunk_size × vocab) instead of O(N × vocab).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from rdro_cli.errors import UserError
+
+HASH_BLOCK_BYTES = 8 * 1024 * 1024
+PICKLE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+CONFIG_FILES = ("config.json", "adapter_config.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chunked completion log-probs
+
+
+def completion_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Per-row ``Σ_t log π(y_t | prefix)`` over completion tokens, as a float32 tensor of shape ``[batch]``.
+
+    ``completion_mask[b, t]`` is True where token t of row b is a completion token (``t >= completion_start``
+    and not padding); it must be False in column 0, which no position predicts. ``model`` is a transformers
+    causal LM, optionally peft-wrapped (LoRA). Differentiable with respect to the body and the head
+    (recomputing each chunk's logits in backward); under ``no_grad``/``inference_mode`` it is a plain loop.
+
+    Under DDP/FSDP do not pass the wrapped model: wrap the policy in :class:`CompletionLogps` first and let
+    the launcher wrap that, so the wrapper's forward (which syncs gradients / gathers shards) runs.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    causal_lm = _causal_lm(model)
+    body, head = _body_and_head(causal_lm)
+    scale, softcap = _logit_transform(causal_lm)
+    completion_mask = completion_mask.to(device=input_ids.device, dtype=torch.bool)
+    if bool(completion_mask[:, 0].any()):
+        raise ValueError("completion_mask is True at position 0; completion_start must be >= 1")
+    _check_head_reproduces_model(causal_lm, body, head, scale, softcap, input_ids, attention_mask)
+
+    hidden = _last_hidden_state(body, input_ids, attention_mask)
+    predicts = completion_mask[:, 1:]  # position t-1 predicts completion token t
+    hidden = hidden[:, :-1][predicts]  # [N, hidden]
+    targets = input_ids[:, 1:][predicts]
+    rows = (
+        torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(predicts)[predicts]
+    )
+
+    if _is_plain_linear(head):
+        weight, bias = head.weight, head.bias
+        hidden = hidden.to(weight.dtype)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, weight, bias)
+        )
+        if needs_grad:
+            token_logps = _ChunkedHeadLogps.apply(hidden, weight, bias, targets, chunk_size, scale, softcap)
+        else:
+            token_logps = _chunked_logps_loop(hidden, weight, bias, targets, chunk_size, scale, softcap)
+    else:
+        token_logps = _module_head_logps(head, hidden, targets, chunk_size, scale, softcap)
+
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    return sums.index_add(0, rows, token_logps)
+
+
+class CompletionLogps(nn.Module):
+    """``forward(input_ids, attention_mask, completion_mask) -> [batch]`` completion log-prob sums.
+
+    Wrap the policy in this before ``accelerator.prepare`` so DDP/FSDP/DeepSpeed see one forward that
+    contains the whole computation (calling the body of a DDP-wrapped model directly would skip the
+    gradient sync).
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, attention_mask, completion_mask):
+        return completion_logps(
+            self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size
+        )
+
+
+class _ChunkedHeadLogps(torch.autograd.Function):
+    """log_softmax(transform(hidden @ weightᵀ + bias))[target] per row, recomputing logits in backward.
+
+    Saves only hidden [N, H], weight, bias and targets. d logp / d z = onehot(target) − softmax(z), then the
+    chain rule through the logit transform ``z = cap·tanh(scale·l / cap)`` (or ``z = scale·l``).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap):
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
+        return _chunked_logps_loop(hidden, weight, bias, targets, chunk_size, scale, softcap)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        chunk, scale, softcap = ctx.chunk_size, ctx.scale, ctx.softcap
+        n = hidden.shape[0]
+        grad_out = grad_out.float()
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # Accumulate head gradients in float32 across chunks: bf16 accumulation would drop small updates.
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        )
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        for start in range(0, n, chunk):
+            h = hidden[start : start + chunk]
+            t = targets[start : start + chunk]
+            g_out = grad_out[start : start + chunk]
+            z = _chunk_logits(h, weight, bias).float()
+            dz_dl = None
+            if softcap is not None:
+                z = torch.tanh(z * (scale / softcap)) * softcap
+                dz_dl = (1.0 - (z / softcap).square()) * scale
+            elif scale != 1.0:
+                z = z * scale
+            # z becomes softmax(z), then the gradient wrt z, in place: one [chunk, vocab] float32 buffer.
+            g = torch.softmax(z, dim=-1)
+            del z
+            g.mul_(-g_out.unsqueeze(1))
+            g[torch.arange(t.shape[0], device=t.device), t] += g_out
+            if dz_dl is not None:
+                g.mul_(dz_dl)
+                del dz_dl
+            elif scale != 1.0:
+                g.mul_(scale)
+            g = g.to(hidden.dtype)
+            if need_hidden:
+                torch.matmul(g, weight, out=grad_hidden[start : start + chunk])
+            if need_weight:
+                grad_weight.add_(g.t() @ h)
+            if need_bias:
+                grad_bias.add_(g.sum(0, dtype=torch.float32))
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_bias:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _chunk_logits(
+    hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The head's matmul for one chunk, in the model dtype. Every head application goes through here."""
+    return F.linear(hidden_chunk, weight, bias)
+
+
+def _transform_logits(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    z = logits.float()
+    if softcap is not None:
+        return torch.tanh(z * (scale / softcap)) * softcap
+    return z * scale if scale != 1.0 else z
+
+
+def _target_logps(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return z.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(z, dim=-1)
+
+
+def _chunked_logps_loop(hidden, weight, bias, targets, chunk_size, scale, softcap) -> torch.Tensor:
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = _chunk_logits(hidden[start : start + chunk_size], weight, bias)
+        z = _transform_logits(logits, scale, softcap)
+        out[start : start + chunk_size] = _target_logps(z, targets[start : start + chunk_size])
+    return out
+
+
+def _module_head_chunk(head: nn.Module, hidden_chunk, targets_chunk, scale, softcap) -> torch.Tensor:
+    return _target_logps(_transform_logits(head(hidden_chunk), scale, softcap), targets_chunk)
+
+
+def _module_head_logps(head: nn.Module, hidden, targets, chunk_size, scale, softcap) -> torch.Tensor:
+    """Fallback for heads that are not a plain ``nn.Linear`` (peft-wrapped lm_head, quantized or sharded
+    heads): call the module per chunk, with activation checkpointing so backward recomputes the logits."""
+    parts = []
+    use_checkpoint = torch.is_grad_enabled()
+    for start in range(0, hidden.shape[0], chunk_size):
+        args = (head, hidden[start : start + chunk_size], targets[start : start + chunk_size], scale, softcap)
+        if use_checkpoint:
+            parts.append(checkpoint(_module_head_chunk, *args, use_reentrant=False))
+        else:
+            parts.append(_module_head_chunk(*args))
+    if not parts:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(parts)
+
+
+def _is_plain_linear(head: nn.Module) -> bool:
+    # Anything else (peft LoRA/modules_to_save wrappers, bnb layers, DeepSpeed ZeRO-3 placeholders, DTensor
+    # shards) has to be called as a module to be correct.
+    weight = getattr(head, "weight", None)
+    return (
+        type(head) is nn.Linear
+        and isinstance(weight, torch.Tensor)
+        and weight.numel() > 0
+        and not hasattr(weight, "ds_id")
+        and type(weight.data) is torch.Tensor
+    )
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside ``model`` (peft wrappers and torch.compile are looked through)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, (DistributedDataParallel, nn.DataParallel)) or type(model).__name__ in {
+        "FullyShardedDataParallel",
+        "DeepSpeedEngine",
+    }:
+        raise ValueError(
+            "completion_logps got a DDP/FSDP/DeepSpeed-wrapped model; wrap the policy in "
+            "modeling.CompletionLogps before accelerator.prepare and call that instead"
+        )
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    if callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config"):
+        if model.active_peft_config.is_prompt_learning:
+            raise ValueError("prompt-learning peft adapters are not supported by completion_logps")
+        model = model.get_base_model()
+    return model
+
+
+def _body_and_head(causal_lm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"{type(causal_lm).__name__} has no output embeddings (LM head)")
+    body = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
+    if body is None or body is causal_lm:
+        raise ValueError(f"cannot find the transformer body of {type(causal_lm).__name__}")
+    return body, head
+
+
+def _logit_transform(causal_lm: nn.Module) -> tuple[float, float | None]:
+    """(scale, softcap) applied after the head matmul: Cohere's ``logit_scale``, Granite's ``logits_scaling``,
+    Gemma's ``final_logit_softcapping``. Anything else is caught by ``_check_head_reproduces_model``."""
+    config = causal_lm.config
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None:
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:
+        scale /= float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return scale, (float(softcap) if softcap else None)
+
+
+def _last_hidden_state(body: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+_HEAD_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def _check_head_reproduces_model(causal_lm, body, head, scale, softcap, input_ids, attention_mask) -> None:
+    """Once per model: our body→head→transform must reproduce the model's own logits on a few tokens.
+
+    An architecture whose causal-LM forward does something else after the body (an extra scaling, a second
+    norm) would otherwise give silently wrong log-probs.
+    """
+    if _HEAD_CHECKED.get(causal_lm):
+        return
+    n = int(min(16, input_ids.shape[1]))
+    ids, mask = input_ids[:1, :n], attention_mask[:1, :n]
+    training = {m: m.training for m in causal_lm.modules()}
+    causal_lm.eval()  # dropout would make the two forwards differ
+    try:
+        expected = causal_lm(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        got = _transform_logits(head(_last_hidden_state(body, ids, mask)), scale, softcap)
+    finally:
+        for module, flag in training.items():
+            module.training = flag
+    keep = mask[0].bool()
+    err = (got[0][keep] - expected[0][keep]).abs().max().item() if keep.any() else 0.0
+    tol = 1e-4 + 2e-2 * expected[0][keep].abs().max().item() if keep.any() else 0.0
+    if not err <= tol:
+        model_type = getattr(causal_lm.config, "model_type", type(causal_lm).__name__)
+        raise UserError(
+            f"model type {model_type!r} is not supported yet: its causal-LM forward transforms the logits in a "
+            f"way rdro's chunked head does not reproduce (max logit difference {err:.3g})"
+        )
+    _HEAD_CHECKED[causal_lm] = True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike, *, revision: str | None = None, trust_remote_code: bool = False
+):
+    """``AutoTokenizer.from_pretrained`` with one-line errors for missing directories and unreachable hub ids."""
+    from transformers import AutoTokenizer
+
+    name = str(name_or_path)
+    _require_reachable(name)
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise UserError(_load_error_message("tokenizer", name, exc)) from exc
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+) -> nn.Module:
+    """A transformers causal LM, in eval mode, safetensors weights only unless ``allow_pickle``.
+
+    ``dtype``: "auto" (bfloat16 when the target device — ``device``, or CUDA if available when ``device`` is
+    None — is CUDA; float32 otherwise), "float32", "bfloat16" or "float16". Moved to ``device`` if given.
+    """
+    from transformers import AutoModelForCausalLM
+
+    name = str(name_or_path)
+    torch_dtype = _resolve_dtype(dtype, device)
+    _require_reachable(name)
+    local = Path(name).expanduser()
+    if local.is_dir() and not allow_pickle and not any(local.glob("*.safetensors")):
+        if any(p for pattern in PICKLE_WEIGHT_PATTERNS for p in local.glob(pattern)):
+            raise UserError(
+                f"model {name!r} has only pickle weights (.bin/.pt), which can run code when loaded; convert them "
+                "to safetensors or set model.allow_pickle = true if you trust the files"
+            )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(local) if local.is_dir() else name,
+            dtype=torch_dtype,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=not allow_pickle,
+        )
+    except OSError as exc:
+        raise UserError(_load_error_message("model", name, exc)) from exc
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def _resolve_dtype(dtype: str, device) -> torch.dtype:
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        return torch.bfloat16 if on_cuda else torch.float32
+    if dtype not in names:
+        raise UserError(f"unknown model dtype {dtype!r}; use one of: auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in {
+        "1",
+        "true",
+        "yes",
+    }
+
+
+def _require_reachable(name: str) -> None:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise UserError(f"model path {name!r} is a file; pass the directory that holds config.json")
+    if not _HUB_ID.match(name):
+        raise UserError(f"model directory {name!r} does not exist")
+
+
+def _load_error_message(what: str, name: str, exc: BaseException) -> str:
+    reason = " ".join(str(exc).split())[:300]
+    if Path(name).expanduser().is_dir():
+        return f"cannot load {what} from {name!r}: {reason}"
+    where = (
+        "HF_HUB_OFFLINE=1 is set" if _hub_offline() else "the Hub could not be reached or has no such files"
+    )
+    return (
+        f"cannot load {what} {name!r} from the Hugging Face Hub ({where}; no local directory of that name "
+        f"exists either): pass a local directory with the model files instead ({reason})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def model_fingerprint(name_or_path: str | os.PathLike, *, revision: str | None = None) -> str:
+    """sha256 hex over config.json (and adapter_config.json) content and the weight files' sha256.
+
+    Weight files are the top-level ``*.safetensors`` (pickle files only when there are none). A hub id is
+    resolved to its local snapshot (downloading config and weights unless offline). File hashes are cached
+    by (path, size, mtime_ns), see :func:`file_sha256`.
+    """
+    directory = _model_dir(str(name_or_path), revision)
+    configs = [directory / n for n in CONFIG_FILES if (directory / n).is_file()]
+    if not configs:
+        raise UserError(f"no config.json in model directory {str(directory)!r}")
+    weights = _weight_files(directory)
+    if not weights:
+        raise UserError(f"no weight files (*.safetensors) in model directory {str(directory)!r}")
+    identity = {
+        "configs": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in configs},
+        "weights": {p.name: file_sha256(p) for p in weights},
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        files = sorted({p for pattern in PICKLE_WEIGHT_PATTERNS for p in directory.glob(pattern)})
+    return [p for p in files if p.is_file()]
+
+
+def _model_dir(name: str, revision: str | None) -> Path:
+    _require_reachable(name)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = Path(
+            snapshot_download(
+                name,
+                revision=revision,
+                allow_patterns=[*CONFIG_FILES, "*.safetensors", "*.safetensors.index.json"],
+            )
+        )
+        if not any(snapshot.glob("*.safetensors")):
+            snapshot = Path(
+                snapshot_download(
+                    name, revision=revision, allow_patterns=[*CONFIG_FILES, *PICKLE_WEIGHT_PATTERNS]
+                )
+            )
+    except OSError as exc:
+        raise UserError(_load_error_message("model", name, exc)) from exc
+    return snapshot
+
+
+def _hash_cache_path() -> Path:
+    # Same file and entry format as artifacts.hash_file_cached, so the two share hashes.
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rdro"
+    return Path(os.environ.get("RDRO_CACHE_DIR") or default) / "file_hashes.json"
+
+
+def _read_hash_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, cached in ``$RDRO_CACHE_DIR`` (default ``~/.cache/rdro``)/file_hashes.json.
+
+    The cache key is ``"<resolved path>|<size>|<mtime_ns>"``, so a restarted stage does not re-read a
+    multi-GB state dict. An in-place rewrite that keeps the size and the mtime (possible within the
+    filesystem's timestamp granularity) would not be noticed.
+    """
+    real = Path(path).resolve()
+    st = real.stat()
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    cache_path = _hash_cache_path()
+    cached = _read_hash_cache(cache_path).get(key)
+    if isinstance(cached, str):
+        return cached
+    sha = _sha256_file(real)
+    try:  # re-read before writing: other processes (ranks) may have added entries meanwhile
+        cache = _read_hash_cache(cache_path)
+        cache[key] = sha
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(f"{cache_path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_path)
+    except OSError:
+        pass  # a read-only cache only costs re-hashing next time
+    return sha
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching
+
+
+def token_budget_batches(
+    lengths: Sequence[int], max_tokens: int, *, shuffle: bool = False, seed: int = 0
+) -> list[list[int]]:
+    """Row indices grouped so that rows × longest row <= ``max_tokens`` (padding included).
+
+    Rows are sorted by length, longest first (ties by index), and packed greedily; a row longer than the
+    budget gets a batch of its own. ``shuffle`` permutes the order of the batches (not their contents) with
+    ``seed``.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    batches: list[list[int]] = []
+    for i in order:
+        # Sorted descending, so a batch's first row is its longest.
+        if batches and (len(batches[-1]) + 1) * max(int(lengths[batches[-1][0]]), 1) <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    if shuffle:
+        random.Random(seed).shuffle(batches)
+    return batches
+
+
+def collate(
+    rows_input_ids: Sequence[Sequence[int]], completion_starts: Sequence[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids long, attention_mask long 0/1, completion_mask bool)``, each ``[rows, longest]``.
+
+    ``completion_mask[b, t]`` is True for ``completion_starts[b] <= t < len(row b)``.
+    """
+    if len(rows_input_ids) != len(completion_starts):
+        raise ValueError("rows_input_ids and completion_starts differ in length")
+    width = max((len(r) for r in rows_input_ids), default=0)
+    input_ids = torch.full((len(rows_input_ids), width), int(pad_id), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows_input_ids), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows_input_ids), width), dtype=torch.bool)
+    for b, (row, start) in enumerate(zip(rows_input_ids, completion_starts, strict=True)):
+        if not 1 <= start < len(row):
+            raise ValueError(f"row {b}: completion_start {start} outside [1, {len(row)})")
+        input_ids[b, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+        attention_mask[b, : len(row)] = 1
+        completion_mask[b, start : len(row)] = True
+    return input_ids, attention_mask, completion_mask
+
+
+def mismatched_ids(
+    prompt_ids_row: Sequence[int], completion_ids_row: Sequence[int], max_length: int
+) -> tuple[list[int], int]:
+    """KTO's mismatched pair: prompt of row i + completion of row j, as ``(ids, completion_start)``.
+
+    The completion loses its end to fit ``max_length``. If the prompt alone leaves no room, the prompt keeps
+    its last ``max_length - 1`` tokens so that one completion token remains.
+    """
+    if not completion_ids_row:
+        raise ValueError("mismatched_ids: empty completion")
+    if not prompt_ids_row:
+        raise ValueError("mismatched_ids: empty prompt")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    prompt = list(prompt_ids_row)[-(max_length - 1) :]
+    completion = list(completion_ids_row)[: max_length - len(prompt)]
+    return prompt + completion, len(prompt)

@@ -1,0 +1,320 @@
+"""rdro_cli.modeling: the chunked completion log-prob head against HF's full forward, loading, fingerprints,
+batching. Tiny models are built from configs in a tmp dir; nothing touches the Hub."""
+
+import os
+import time
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import (  # noqa: E402
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from rdro_cli import modeling  # noqa: E402
+from rdro_cli.errors import UserError  # noqa: E402
+from rdro_cli.modeling import (  # noqa: E402
+    collate,
+    completion_logps,
+    load_model,
+    mismatched_ids,
+    model_fingerprint,
+    token_budget_batches,
+)
+
+VOCAB = 300
+SMALL = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+
+
+def _build(kind: str):
+    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen2_tied": 2, "gemma2": 3, "granite": 4}[kind])
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **SMALL))
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, tie_word_embeddings=False, **SMALL))
+    if kind == "qwen2_tied":
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, tie_word_embeddings=True, **SMALL))
+    if kind == "gemma2":
+        # A small softcap so that tanh is far from linear on these logits.
+        return Gemma2ForCausalLM(
+            Gemma2Config(
+                vocab_size=VOCAB,
+                head_dim=8,
+                final_logit_softcapping=0.5,
+                attn_implementation="eager",
+                **SMALL,
+            )
+        )
+    if kind == "granite":
+        return GraniteForCausalLM(GraniteConfig(vocab_size=VOCAB, logits_scaling=2.0, **SMALL))
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    dirs = {}
+    for kind in ("llama", "qwen2", "qwen2_tied", "gemma2", "granite"):
+        model = _build(kind)
+        with torch.no_grad():  # random init makes logits tiny; spread them so log-probs are not all ~log(1/V)
+            model.get_output_embeddings().weight.mul_(20.0)
+        model.save_pretrained(root / kind)
+        dirs[kind] = root / kind
+    return dirs
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths, starts = [9, 14, 6, 12, 11], [3, 1, 5, 7, 2]
+    rows = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
+    return collate(rows, starts, pad_id=0)
+
+
+def _naive_logps(model, input_ids, attention_mask, completion_mask):
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    token_logps = logits[:, :-1].log_softmax(-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+    return (token_logps * completion_mask[:, 1:]).sum(1)
+
+
+def _grads(model, fn, batch, weights):
+    model.zero_grad(set_to_none=True)
+    (fn(model, *batch) * weights).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _chunked(chunk_size):
+    return lambda model, *batch: completion_logps(model, *batch, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen2_tied", "gemma2", "granite"])
+def test_completion_logps_matches_full_forward(model_dirs, kind):
+    model = load_model(model_dirs[kind], dtype="float32")
+    batch = _batch()
+    with torch.inference_mode():
+        expected = _naive_logps(model, *batch)
+        got = completion_logps(model, *batch, chunk_size=3)
+    assert got.dtype == torch.float32 and got.shape == (5,)
+    assert expected.abs().min() > 1.0  # the comparison is not between near-zero numbers
+    # 1e-5 absolute, plus 1e-6 relative: rows reach |s| ~ 75, where one float32 ulp is already 7.6e-6.
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-6)
+    # Different chunkings (one chunk, one token per chunk) give the same numbers.
+    with torch.no_grad():
+        torch.testing.assert_close(
+            completion_logps(model, *batch, chunk_size=10_000), expected, atol=1e-5, rtol=1e-6
+        )
+        torch.testing.assert_close(
+            completion_logps(model, *batch, chunk_size=1), expected, atol=1e-5, rtol=1e-6
+        )
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen2_tied", "gemma2", "granite"])
+def test_gradients_match_full_forward(model_dirs, kind):
+    model = load_model(model_dirs[kind], dtype="float32")
+    batch = _batch(seed=1)
+    weights = torch.randn(5, generator=torch.Generator().manual_seed(5))
+    expected = _grads(model, _naive_logps, batch, weights)
+    got = _grads(model, _chunked(3), batch, weights)
+    assert expected.keys() == got.keys()
+    if kind == "qwen2_tied":
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("target_modules", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
+def test_gradients_match_with_lora(model_dirs, target_modules):
+    """Only adapter parameters train; with lm_head adapted the head is a peft module (the generic path)."""
+    base = load_model(model_dirs["llama"], dtype="float32")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False)
+    torch.manual_seed(0)
+    model = get_peft_model(base, config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    batch = _batch(seed=2)
+    weights = torch.randn(5, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            completion_logps(model, *batch, chunk_size=3), _naive_logps(model, *batch), atol=1e-5, rtol=1e-6
+        )
+    expected = _grads(model, _naive_logps, batch, weights)
+    got = _grads(model, _chunked(3), batch, weights)
+    assert expected.keys() == got.keys() == trainable
+    for name in expected:
+        assert expected[name].abs().max() > 0, name
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_head_sees_at_most_chunk_size_rows(model_dirs, monkeypatch):
+    model = load_model(model_dirs["llama"], dtype="float32")
+    batch = _batch()
+    n_tokens = int(batch[2][:, 1:].sum())
+    completion_logps(model, *batch, chunk_size=4)  # first call runs the one-off 16-token head check
+    calls = []
+    real = modeling._chunk_logits
+
+    def spy(hidden_chunk, weight, bias):
+        calls.append(hidden_chunk.shape)
+        return real(hidden_chunk, weight, bias)
+
+    head_inputs = []
+    monkeypatch.setattr(modeling, "_chunk_logits", spy)
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: head_inputs.append(args[0].shape))
+    try:
+        completion_logps(model, *batch, chunk_size=4).sum().backward()
+    finally:
+        hook.remove()
+    chunks = -(-n_tokens // 4)
+    assert len(calls) == 2 * chunks  # forward, then recomputation in backward
+    assert all(len(shape) == 2 and shape[0] <= 4 for shape in calls)
+    assert sum(shape[0] for shape in calls) == 2 * n_tokens
+    assert head_inputs == []  # the lm_head module (which would see [batch, seq, hidden]) is never called
+
+
+def test_generic_head_path_is_chunked(model_dirs):
+    base = load_model(model_dirs["llama"], dtype="float32")
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False))
+    batch = _batch()
+    completion_logps(model, *batch, chunk_size=4)
+    seen = []
+    head = model.get_base_model().get_output_embeddings()
+    hook = head.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        completion_logps(model, *batch, chunk_size=4).sum().backward()
+    finally:
+        hook.remove()
+    assert seen and all(len(s) == 2 and s[0] <= 4 for s in seen)
+
+
+def test_completion_logps_module_wrapper(model_dirs):
+    """The nn.Module form that DDP/FSDP wrap gives the same numbers."""
+    model = load_model(model_dirs["qwen2"], dtype="float32")
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            modeling.CompletionLogps(model, chunk_size=5)(*batch),
+            completion_logps(model, *batch),
+            atol=1e-5,
+            rtol=1e-6,
+        )
+
+
+def test_completion_mask_at_position_zero_is_rejected(model_dirs):
+    model = load_model(model_dirs["llama"], dtype="float32")
+    input_ids, attention_mask, completion_mask = _batch()
+    completion_mask[0, 0] = True
+    with pytest.raises(ValueError, match="position 0"):
+        completion_logps(model, input_ids, attention_mask, completion_mask)
+
+
+def test_unsupported_logit_transform_is_refused(model_dirs, monkeypatch):
+    """An architecture scaling its logits in a way we do not know of is refused, not silently wrong."""
+    model = load_model(model_dirs["granite"], dtype="float32")
+    monkeypatch.setattr(modeling, "_logit_transform", lambda causal_lm: (1.0, None))
+    with pytest.raises(UserError, match="not supported yet"):
+        completion_logps(model, *_batch())
+
+
+def test_token_budget_batches():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 60, (200,), generator=g).tolist() + [500, 90]
+    for budget in (64, 100, 256):
+        batches = token_budget_batches(lengths, budget)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        for b in batches:
+            assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= budget
+            assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+        assert [len(b) for b in batches if lengths[b[0]] > budget] == [1] * sum(x > budget for x in lengths)
+        shuffled = token_budget_batches(lengths, budget, shuffle=True, seed=3)
+        assert sorted(map(tuple, shuffled)) == sorted(map(tuple, batches))
+        assert shuffled == token_budget_batches(lengths, budget, shuffle=True, seed=3)
+    assert token_budget_batches([4, 4, 4, 4], 8) == [[0, 1], [2, 3]]
+    assert token_budget_batches([], 8) == []
+
+
+def test_collate_masks():
+    input_ids, attention_mask, completion_mask = collate([[5, 6, 7, 8], [9, 10]], [2, 1], pad_id=0)
+    assert input_ids.dtype == torch.long and input_ids.tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
+    assert attention_mask.dtype == torch.long and attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert completion_mask.dtype == torch.bool
+    assert completion_mask.tolist() == [[False, False, True, True], [False, True, False, False]]
+    with pytest.raises(ValueError):
+        collate([[1, 2]], [2], pad_id=0)  # empty completion
+
+
+def test_mismatched_ids():
+    assert mismatched_ids([1, 2, 3], [7, 8, 9, 10], 10) == ([1, 2, 3, 7, 8, 9, 10], 3)
+    assert mismatched_ids([1, 2, 3], [7, 8, 9, 10], 5) == ([1, 2, 3, 7, 8], 3)
+    assert mismatched_ids([1, 2, 3, 4, 5], [7, 8], 4) == ([3, 4, 5, 7], 3)
+
+
+def test_model_fingerprint_stable_changes_and_cached(model_dirs, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("RDRO_CACHE_DIR", str(tmp_path / "cache"))
+    model_dir = tmp_path / "m"
+    shutil.copytree(model_dirs["llama"], model_dir)
+    calls = []
+    real = modeling._sha256_file
+    monkeypatch.setattr(modeling, "_sha256_file", lambda p: calls.append(p) or real(p))
+
+    first = model_fingerprint(model_dir)
+    assert len(calls) == 1 and (tmp_path / "cache" / "file_hashes.json").is_file()
+    assert model_fingerprint(str(model_dir)) == first
+    assert len(calls) == 1  # second call served from the cache
+
+    # Same size, different bytes (and a later mtime): re-hashed, different fingerprint.
+    weights = model_dir / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    old_mtime = weights.stat().st_mtime_ns
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(time.time_ns(), old_mtime + 1_000_000_000))
+    changed = model_fingerprint(model_dir)
+    assert changed != first and len(calls) == 2
+
+    # config.json takes part too.
+    (model_dir / "config.json").write_text((model_dir / "config.json").read_text().replace("32", "33", 1))
+    assert model_fingerprint(model_dir) not in (first, changed)
+
+
+def test_load_model_refuses_pickle_unless_allowed(model_dirs, tmp_path):
+    model = load_model(model_dirs["llama"], dtype="float32")
+    pickle_dir = tmp_path / "pickled"
+    model.config.save_pretrained(pickle_dir)
+    torch.save(model.state_dict(), pickle_dir / "pytorch_model.bin")
+    with pytest.raises(UserError, match="model.allow_pickle = true"):
+        load_model(pickle_dir)
+    loaded = load_model(pickle_dir, allow_pickle=True, dtype="float32")
+    assert loaded.dtype == torch.float32
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_load_model_dtypes_and_errors(model_dirs, tmp_path):
+    assert load_model(model_dirs["qwen2"], dtype="bfloat16").dtype == torch.bfloat16
+    assert load_model(model_dirs["qwen2"]).dtype == (
+        torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    )
+    with pytest.raises(UserError, match="unknown model dtype"):
+        load_model(model_dirs["qwen2"], dtype="fp8")
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(tmp_path / "missing" / "dir")
+    with pytest.raises(UserError, match="'no-such-org/no-such-model'.*local directory"):
+        load_model("no-such-org/no-such-model")
+    with pytest.raises(UserError, match="local directory"):
+        model_fingerprint("no-such-org/no-such-model")
+    with pytest.raises(UserError, match="local directory"):
+        modeling.load_tokenizer("no-such-org/no-such-model")
+    with pytest.raises(UserError, match="does not exist"):
+        modeling.load_tokenizer(tmp_path / "missing" / "dir")
