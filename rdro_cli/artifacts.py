@@ -46,20 +46,35 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _read_hash_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
 def hash_file_cached(path: str | Path) -> str:
-    """sha256 of a file's bytes, cached by (path, size, mtime) so multi-GB weights are read once."""
+    """sha256 of a file's bytes, cached by (path, size, mtime_ns) so multi-GB weights are read once.
+
+    An in-place rewrite that keeps both size and mtime (within the filesystem's timestamp
+    granularity) would not be noticed.
+    """
     path = Path(path).resolve()
     stat = path.stat()
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
     cache_file = cache_dir() / "file_hashes.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key not in cache:
-        cache[key] = _hash_file(path)
+    cached = _read_hash_cache(cache_file).get(key)
+    if isinstance(cached, str):
+        return cached
+    digest = _hash_file(path)
+    try:  # re-read before writing: other ranks may have added entries meanwhile
+        cache = _read_hash_cache(cache_file)
+        cache[key] = digest
         write_text_atomic(cache_file, json.dumps(cache))
-    return cache[key]
+    except OSError:
+        pass  # a read-only cache only costs re-hashing next time
+    return digest
 
 
 def fingerprint_files(paths: list[Path]) -> str:

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rdro_cli import artifacts
 from rdro_cli.errors import UserError
 
-HASH_BLOCK_BYTES = 8 * 1024 * 1024
 PICKLE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 CONFIG_FILES = ("config.json", "adapter_config.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -422,7 +422,7 @@ def model_fingerprint(name_or_path: str | os.PathLike, *, revision: str | None =
 
     Weight files are the top-level ``*.safetensors`` (pickle files only when there are none). A hub id is
     resolved to its local snapshot (downloading config and weights unless offline). File hashes are cached
-    by (path, size, mtime_ns), see :func:`file_sha256`.
+    by (path, size, mtime_ns), see :func:`rdro_cli.artifacts.hash_file_cached`.
     """
     directory = _model_dir(str(name_or_path), revision)
     configs = [directory / n for n in CONFIG_FILES if (directory / n).is_file()]
@@ -433,7 +433,7 @@ def model_fingerprint(name_or_path: str | os.PathLike, *, revision: str | None =
         raise UserError(f"no weight files (*.safetensors) in model directory {str(directory)!r}")
     identity = {
         "configs": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in configs},
-        "weights": {p.name: file_sha256(p) for p in weights},
+        "weights": {p.name: artifacts.hash_file_cached(p) for p in weights},
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -469,55 +469,6 @@ def _model_dir(name: str, revision: str | None) -> Path:
     except OSError as exc:
         raise UserError(_load_error_message("model", name, exc)) from exc
     return snapshot
-
-
-def _hash_cache_path() -> Path:
-    # Same file and entry format as artifacts.hash_file_cached, so the two share hashes.
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rdro"
-    return Path(os.environ.get("RDRO_CACHE_DIR") or default) / "file_hashes.json"
-
-
-def _read_hash_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, cached in ``$RDRO_CACHE_DIR`` (default ``~/.cache/rdro``)/file_hashes.json.
-
-    The cache key is ``"<resolved path>|<size>|<mtime_ns>"``, so a restarted stage does not re-read a
-    multi-GB state dict. An in-place rewrite that keeps the size and the mtime (possible within the
-    filesystem's timestamp granularity) would not be noticed.
-    """
-    real = Path(path).resolve()
-    st = real.stat()
-    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
-    cache_path = _hash_cache_path()
-    cached = _read_hash_cache(cache_path).get(key)
-    if isinstance(cached, str):
-        return cached
-    sha = _sha256_file(real)
-    try:  # re-read before writing: other processes (ranks) may have added entries meanwhile
-        cache = _read_hash_cache(cache_path)
-        cache[key] = sha
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f"{cache_path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_path)
-    except OSError:
-        pass  # a read-only cache only costs re-hashing next time
-    return sha
 
 
 # ---------------------------------------------------------------------------------------------------------

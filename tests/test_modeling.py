@@ -21,7 +21,7 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-from rdro_cli import modeling  # noqa: E402
+from rdro_cli import artifacts, modeling  # noqa: E402
 from rdro_cli.errors import UserError  # noqa: E402
 from rdro_cli.modeling import (  # noqa: E402
     collate,
@@ -266,8 +266,8 @@ def test_model_fingerprint_stable_changes_and_cached(model_dirs, tmp_path, monke
     model_dir = tmp_path / "m"
     shutil.copytree(model_dirs["llama"], model_dir)
     calls = []
-    real = modeling._sha256_file
-    monkeypatch.setattr(modeling, "_sha256_file", lambda p: calls.append(p) or real(p))
+    real = artifacts._hash_file
+    monkeypatch.setattr(artifacts, "_hash_file", lambda p: calls.append(p) or real(p))
 
     first = model_fingerprint(model_dir)
     assert len(calls) == 1 and (tmp_path / "cache" / "file_hashes.json").is_file()
