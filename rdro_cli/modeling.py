@@ -344,7 +344,9 @@ def load_model(
     None — is CUDA; float32 otherwise), "float32", "bfloat16" or "float16". Moved to ``device`` if given.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # rdro draws its own progress; a per-load bar is noise in logs
     name = str(name_or_path)
     torch_dtype = _resolve_dtype(dtype, device)
     _require_reachable(name)

@@ -1,0 +1,175 @@
+"""logprobs: the reference model's completion log-probs for every row, once, in bulk.
+
+For each split of `<run>/data` this writes `<run>/logprobs/<split>.safetensors` with a float32
+`ref_logps` [rows] in row order (and `ref_kl_logps` for KTO's fixed mismatched pairs). Rows are cut
+into shards of `logprobs.shard_rows`; each shard is batched by a token budget over length-sorted rows
+and written atomically to `<out>.partial/`, so a killed run restarted with the same command computes
+only the missing shards. Under `accelerate launch` each rank takes every N-th shard; the main process
+assembles the files in row order.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rdro_cli import artifacts, modeling
+from rdro_cli.errors import UserError
+from rdro_cli.recipe import Recipe
+
+LOSSES_NEEDING_KL = {"kto"}
+
+
+def _load_rows(data_dir: Path) -> dict:
+    import datasets
+
+    data = datasets.load_from_disk(str(data_dir))
+    return {name: split.select_columns(["input_ids", "completion_start", "kl_partner"]) for name, split in
+            data.items()}
+
+
+def _shard_sequences(split, rows: range, with_kl: bool, max_length: int) -> list[tuple[list[int], int]]:
+    """(ids, completion_start) for the rows of one shard, then their mismatched pairs when asked."""
+    ids, starts = split["input_ids"], split["completion_start"]
+    sequences = [(ids[i], starts[i]) for i in rows]
+    if with_kl:
+        partners = split["kl_partner"]
+        for i in rows:
+            j = partners[i]
+            sequences.append(modeling.mismatched_ids(ids[i][: starts[i]], ids[j][starts[j]:], max_length))
+    return sequences
+
+
+@torch.inference_mode()
+def _score(model, sequences, cfg: Recipe, pad_id: int, device, on_batch) -> torch.Tensor:
+    """Completion log-prob sums of `sequences`, batched by token budget over length-sorted rows."""
+    scores = torch.empty(len(sequences), dtype=torch.float32)
+    lengths = [len(ids) for ids, _ in sequences]
+    for batch in modeling.token_budget_batches(lengths, cfg.logprobs.max_tokens_per_batch):
+        input_ids, attention_mask, completion_mask = modeling.collate(
+            [sequences[i][0] for i in batch], [sequences[i][1] for i in batch], pad_id)
+        logps = modeling.completion_logps(model, input_ids.to(device), attention_mask.to(device),
+                                          completion_mask.to(device), chunk_size=cfg.logprobs.chunk_size)
+        scores[batch] = logps.float().cpu()
+        on_batch(len(batch), sum(lengths[i] for i in batch))
+    return scores
+
+
+def _plan(splits: dict, shard_rows: int) -> list[tuple[str, int, range]]:
+    """Every (split, shard index, row range), in a fixed order every rank agrees on."""
+    plan = []
+    for name, split in splits.items():
+        for k, first in enumerate(range(0, len(split), shard_rows)):
+            plan.append((name, k, range(first, min(first + shard_rows, len(split)))))
+    return plan
+
+
+def _open_partial(partial: Path, fingerprint: str, force: bool, is_main: bool) -> None:
+    """The resumable work dir: reused when it belongs to the same inputs, else refused (or reset on --force)."""
+    plan_file = partial / "plan.json"
+    if plan_file.is_file() and not force:
+        recorded = json.loads(plan_file.read_text())
+        if recorded.get("fingerprint") != fingerprint:
+            raise UserError(f"{partial}: a partial logprobs run for other inputs (data, model or settings) is "
+                            f"here; re-run with --force to discard it")
+        return
+    if is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / "shards").mkdir(parents=True)
+        artifacts.write_text_atomic(plan_file, json.dumps({"fingerprint": fingerprint}))
+
+
+def _assemble(partial: Path, plan, splits: dict, with_kl: bool, out: Path, **manifest) -> None:
+    with artifacts.atomic_dir(out) as tmp:
+        for name, split in splits.items():
+            parts = [load_file(partial / "shards" / f"{name}-{k:05d}.safetensors") for s, k, _ in plan if s == name]
+            tensors = {"ref_logps": torch.cat([p["ref_logps"] for p in parts]).contiguous()}
+            if with_kl:
+                tensors["ref_kl_logps"] = torch.cat([p["ref_kl_logps"] for p in parts]).contiguous()
+            assert tensors["ref_logps"].shape[0] == len(split)
+            save_file(tensors, str(tmp / f"{name}.safetensors"))
+        artifacts.write_manifest(tmp, stage="logprobs", **manifest)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def run(cfg: Recipe, *, data: Path | None = None, out: Path | None = None, force: bool = False) -> Path:
+    from accelerate import PartialState
+
+    started = time.time()
+    # cpu=True lets `accelerate launch --multi_gpu --num_processes N` (torchrun) run N CPU ranks on
+    # gloo; accelerate's own `--cpu` flag starts a single process unless MPI is set up.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    data = Path(data or cfg.run_dir / "data")
+    out = Path(out or cfg.run_dir / "logprobs")
+    data_manifest = artifacts.require_input(data, "prepare", rerun="rdro prepare")
+    model_name = cfg.model.ref_name or cfg.model.name
+    if not model_name:
+        raise UserError("no reference model: pass --model or set model.ref_name / model.name")
+    with_kl = cfg.loss.name in LOSSES_NEEDING_KL
+    inputs = {"data": data_manifest["fingerprint"],
+              "model": modeling.model_fingerprint(model_name, revision=cfg.model.revision or None)}
+    settings = {"dtype": cfg.model.dtype, "kl": with_kl, "max_tokens_per_batch": cfg.logprobs.max_tokens_per_batch,
+                "shard_rows": cfg.logprobs.shard_rows, "max_length": cfg.data.max_length}
+    fingerprint = artifacts.fingerprint_json({"inputs": inputs, "settings": settings})
+    if not force and artifacts.is_done(out, fingerprint):
+        if state.is_main_process:
+            print(f"logprobs: {out} is up to date (use --force to recompute)")
+        return out
+
+    partial = out.with_name(out.name + ".partial")
+    _open_partial(partial, fingerprint, force, state.is_main_process)
+    state.wait_for_everyone()
+    splits = _load_rows(data)
+    plan = _plan(splits, cfg.logprobs.shard_rows)
+    mine = [(name, k, rows) for i, (name, k, rows) in enumerate(plan) if i % state.num_processes == state.process_index]
+    todo = [(name, k, rows) for name, k, rows in mine
+            if not (partial / "shards" / f"{name}-{k:05d}.safetensors").is_file()]
+
+    tokens_done = 0
+    if todo:
+        model = modeling.load_model(model_name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                                    allow_pickle=cfg.model.allow_pickle, device=state.device,
+                                    revision=cfg.model.revision or None)
+        tokenizer_pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        from rdro_cli.progress import task_progress
+
+        total_rows = sum(len(rows) * (2 if with_kl else 1) for _, _, rows in todo)
+        with task_progress("rate") as progress:
+            task = progress.add_task(f"logprobs (rank {state.process_index})" if state.num_processes > 1
+                                     else "logprobs", total=total_rows, rate="")
+            begin = time.time()
+
+            def on_batch(n_rows: int, n_tokens: int) -> None:
+                nonlocal tokens_done
+                tokens_done += n_tokens
+                elapsed = max(time.time() - begin, 1e-9)
+                done = progress.tasks[0].completed + n_rows
+                progress.update(task, advance=n_rows,
+                                rate=f"{done / elapsed:.1f} rows/s {tokens_done / elapsed:.0f} tok/s")
+
+            for name, k, rows in todo:
+                sequences = _shard_sequences(splits[name], rows, with_kl, cfg.data.max_length)
+                scores = _score(model, sequences, cfg, tokenizer_pad, state.device, on_batch)
+                tensors = {"ref_logps": scores[: len(rows)].contiguous()}
+                if with_kl:
+                    tensors["ref_kl_logps"] = scores[len(rows):].contiguous()
+                shard = partial / "shards" / f"{name}-{k:05d}.safetensors"
+                tmp = shard.with_name(f".{shard.name}.tmp")
+                save_file(tensors, str(tmp))
+                tmp.replace(shard)  # a shard exists only when complete
+        del model
+    state.wait_for_everyone()
+    if state.is_main_process:
+        counts = {name: {"rows": len(split), "tokens": int(sum(len(ids) for ids in split["input_ids"]))}
+                  for name, split in splits.items()}
+        _assemble(partial, plan, splits, with_kl, out, fingerprint=fingerprint, inputs=inputs,
+                  config=cfg.to_dict(), counts=counts, started=started, model=model_name,
+                  processes=state.num_processes, shards=len(plan), kl=with_kl)
+        print(f"logprobs: wrote {', '.join(f'{n}.safetensors' for n in splits)} to {out}", flush=True)
+    state.wait_for_everyone()
+    return out
