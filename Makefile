@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check rdro_cli tests benchmarks scripts
+	$(BIN)/ruff check .
 
 test: $(STAMP) lint
 	$(OFFLINE) $(BIN)/python -m pytest -q -ra
