@@ -329,6 +329,13 @@ def load_tokenizer(
         raise UserError(_load_error_message("tokenizer", name, exc)) from exc
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identity of a tokenizer's behaviour: its serialised backend (or vocab) and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    identity = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return artifacts.fingerprint_json({"tokenizer": identity, "special": tokenizer.special_tokens_map})
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,

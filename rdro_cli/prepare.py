@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rdro_cli import artifacts
+from rdro_cli import artifacts, modeling
 from rdro_cli.errors import UserError
 from rdro_cli.recipe import Recipe
 
@@ -323,22 +323,14 @@ def _length_stats(lengths: list[int]) -> dict:
 
 
 def _load_tokenizer(cfg: Recipe):
-    from rdro_cli.modeling import load_tokenizer
-
     if not cfg.model.name:
         raise UserError("no tokenizer: pass --model (a hub id or local dir) or set model.name")
-    tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision or None,
+    tokenizer = modeling.load_tokenizer(cfg.model.name, revision=cfg.model.revision or None,
                                trust_remote_code=cfg.model.trust_remote_code)
     if cfg.model.chat_template:
         template = Path(cfg.model.chat_template)
         tokenizer.chat_template = template.read_text() if template.is_file() else cfg.model.chat_template
     return tokenizer
-
-
-def _tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    identity = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return artifacts.fingerprint_json({"tokenizer": identity, "special": tokenizer.special_tokens_map})
 
 
 # ---------------------------------------------------------------- the stage
@@ -365,7 +357,7 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
         raise UserError(f"{cfg.model.name}: tokenizer has no chat template for conversational data; "
                         f"supply one with --chat-template FILE (model.chat_template)")
     template_fp = artifacts.fingerprint_json(tokenizer.chat_template or "")
-    inputs = {"dataset": source_fp, "tokenizer": _tokenizer_fingerprint(tokenizer), "chat_template": template_fp}
+    inputs = {"dataset": source_fp, "tokenizer": modeling.tokenizer_fingerprint(tokenizer), "chat_template": template_fp}
     data_config = {k: getattr(cfg.data, k) for k in ("max_length", "max_prompt_length", "test_fraction", "seed",
                                                       "limit", "train_split", "test_split")}
     fingerprint = artifacts.fingerprint_json({"inputs": inputs, "config": data_config})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES
+from conftest import FIXTURES, build_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -98,13 +98,23 @@ def test_killed_run_resumes_missing_shards_only_and_matches(data_dir, tiny_llama
     assert not (tmp_path / "lp.partial").exists()
 
 
-def test_partial_run_for_other_inputs_is_refused(data_dir, tiny_llama, tiny_qwen2, tmp_path, monkeypatch):
+def test_partial_run_for_other_inputs_is_refused(data_dir, tiny_llama, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    other = build_model(tmp_path / "other", AutoTokenizer.from_pretrained(tiny_llama), "llama", seed=1)
     cfg = _cfg(tiny_llama, **{"logprobs.shard_rows": 3})
     monkeypatch.setattr(logprobs_stage, "_score", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         logprobs_stage.run(cfg, data=data_dir, out=tmp_path / "lp")
     with pytest.raises(UserError, match="partial logprobs run for other inputs"):
-        logprobs_stage.run(_cfg(tiny_qwen2, **{"logprobs.shard_rows": 3}), data=data_dir, out=tmp_path / "lp")
+        logprobs_stage.run(_cfg(other, **{"logprobs.shard_rows": 3}), data=data_dir, out=tmp_path / "lp")
+
+
+def test_data_tokenised_for_another_tokenizer_is_refused(data_dir, tiny_qwen2, tmp_path):
+    # The Qwen2 model dir loads the same files as a Qwen2Tokenizer, whose pre-tokenizer differs.
+    with pytest.raises(UserError, match="tokenised with a different tokenizer.*re-run `rdro prepare"):
+        logprobs_stage.run(_cfg(tiny_qwen2), data=data_dir, out=tmp_path / "lp")
+    assert not (tmp_path / "lp").exists()
 
 
 def test_up_to_date_is_skipped_and_missing_data_is_a_one_line_error(cli, data_dir, tiny_llama, tmp_path):
