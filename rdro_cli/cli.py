@@ -176,5 +176,25 @@ def eval_(
             lambda m, cfg: m.run(cfg, data=data, logprobs=logprobs_dir, out=out, force=force))
 
 
+@app.command()
+def report(
+    recipe: Path = RecipeOpt,
+    sets: list[str] = SetOpt,
+    run_dirs: list[Path] = typer.Option(None, "--run", help="Run directory (repeatable: runs overlay in "
+                                                             "every plot; default: output.dir)."),
+    baseline: Path = typer.Option(None, "--baseline", help="Eval dir of the model before training, shown as "
+                                                           "'before' for every run (default: <run>/eval-base "
+                                                           "when it exists)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: <first run>/report)."),
+) -> None:
+    """PNG plots and a one-page report.md from train metrics and eval artifacts -> <run>/report.
+
+    Needs the optional extra: pip install 'rdro-cli[report]'. Before/after: write the base model's eval
+    with `rdro eval --model <base> --out <run>/eval-base`, or pass any eval dir as --baseline.
+    """
+    _invoke("report", recipe, sets, {},
+            lambda m, cfg: m.run(cfg, runs=run_dirs or None, out=out, baseline=baseline))
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m rdro_cli`
     app()
