@@ -1,0 +1,693 @@
+"""train: the policy learns from binary feedback against precomputed reference log-probs.
+
+Reads `<run>/data` (prepare) and `<run>/logprobs` (reference log-probs, one float per row), loads the
+policy only, and minimises one of DESIGN.md §1's losses over the training split:
+
+    config -> validate inputs -> set up (policy, optimizer, schedule, output dir) -> loop -> save
+
+Batches. Every optimizer step takes the next `units_per_step = u * processes * accumulation` units of
+the epoch's order (a unit is a row, or a chosen/rejected pair for DPO, `u = batch_size` rows or
+`batch_size / 2` pairs); micro-step k of process p takes slice `k * processes + p` of it. So N processes
+with batch b see exactly the examples one process with batch N*b sees. An incomplete last step of an
+epoch is dropped. The loss of a step is the SUM of per-example losses over all its examples divided by
+their number, whatever the process count or accumulation. KTO's reference point and BCO's running mean
+use the global micro-batch (all processes, one accumulation micro-step), as TRL does.
+
+Output (`<out>`, default `<run>/train`): `metrics.jsonl` (one row per optimizer step),
+`checkpoints/step-XXXXXXX/` (complete only with `state.json`), `final/` (model or LoRA adapter,
+tokenizer, recipe.toml) and, last, `manifest.json`: downstream stages accept the run only then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rdro_cli import artifacts, losses, modeling
+from rdro_cli.errors import UserError
+from rdro_cli.recipe import Recipe
+
+CHECKPOINT = re.compile(r"^step-(\d{7})$")
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.jsonl"
+# train.* keys that do not change the trained weights: a run may resume with different values
+NOT_IN_FINGERPRINT = {"save_every", "keep_checkpoints", "log_every", "tensorboard", "gradient_checkpointing",
+                      "chunk_size"}
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class TrainRows:
+    """The training split as the loop needs it: token ids (memory-mapped), labels, reference log-probs."""
+
+    ids: object  # datasets.Dataset with the `input_ids` column only
+    completion_start: np.ndarray
+    label: np.ndarray
+    kl_partner: np.ndarray
+    ref_logps: torch.Tensor
+    ref_kl_logps: torch.Tensor | None
+    pairs: np.ndarray | None  # [pairs, 2] (chosen row, rejected row) for DPO
+    kl_max_length: int
+    pad_id: int = 0
+    device: torch.device = torch.device("cpu")
+
+    def units(self) -> int:
+        return len(self.pairs) if self.pairs is not None else len(self.label)
+
+    def rows_of(self, units: np.ndarray) -> np.ndarray:
+        """Row indices of some units; a DPO micro-batch is its chosen rows followed by its rejected rows."""
+        return np.concatenate([self.pairs[units, 0], self.pairs[units, 1]]) if self.pairs is not None else units
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
+        ids = self.ids[rows.tolist()]["input_ids"]
+        tensors = modeling.collate(ids, self.completion_start[rows].tolist(), self.pad_id)
+        return tuple(t.to(self.device) for t in tensors)
+
+    def mismatched_batch(self, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Prompt of row i with the completion of row kl_partner[i] (KTO), as logprobs built them."""
+        partners = self.kl_partner[rows]
+        ids = self.ids[rows.tolist()]["input_ids"]
+        partner_ids = self.ids[partners.tolist()]["input_ids"]
+        pairs = [modeling.mismatched_ids(row[: self.completion_start[i]], other[self.completion_start[j]:],
+                                         self.kl_max_length)
+                 for row, other, i, j in zip(ids, partner_ids, rows, partners, strict=True)]
+        tensors = modeling.collate([p[0] for p in pairs], [p[1] for p in pairs], self.pad_id)
+        return tuple(t.to(self.device) for t in tensors)
+
+
+def _read_inputs(cfg: Recipe, data_dir: Path, logprobs_dir: Path, spec: losses.LossSpec) -> tuple[dict, dict]:
+    data_manifest = artifacts.require_input(data_dir, "prepare", rerun="rdro prepare")
+    logprobs_manifest = artifacts.require_input(logprobs_dir, "logprobs", rerun="rdro logprobs")
+    artifacts.check_inputs_match(logprobs_dir, logprobs_manifest, {"data": data_manifest["fingerprint"]},
+                                 rerun="rdro logprobs")
+    if spec.needs_pairs and not data_manifest.get("paired"):
+        raise UserError(f"{data_dir}: {cfg.loss.name} needs paired data (prompt/chosen/rejected); this dataset "
+                        f"is unpaired; use loss.name = rdro, ddro, kto or bco, or prepare a paired dataset")
+    return data_manifest, logprobs_manifest
+
+
+def _load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifest: dict,
+               spec: losses.LossSpec) -> TrainRows:
+    import datasets
+    from safetensors.torch import load_file
+
+    split = datasets.load_from_disk(str(data_dir))["train"]
+    tensors = load_file(str(logprobs_dir / "train.safetensors"))
+    rerun = f"re-run `rdro logprobs --force{' --set loss.name=kto' if spec.needs_kl else ''}`"
+    if tensors["ref_logps"].shape != (len(split),):
+        raise UserError(f"{logprobs_dir}/train.safetensors has {tensors['ref_logps'].shape[0]} reference "
+                        f"log-probs for {len(split)} training rows; {rerun}")
+    if spec.needs_kl and "ref_kl_logps" not in tensors:
+        raise UserError(f"{logprobs_dir}: {cfg.loss.name} needs the mismatched-pair reference log-probs "
+                        f"(ref_kl_logps), which this logprobs run did not compute; {rerun}")
+    columns = split.select_columns(["completion_start", "label", "pair_id", "kl_partner"]).with_format("numpy")[:]
+    label = columns["label"].astype(bool)
+    pairs = _pairs(columns["pair_id"], label) if spec.needs_pairs else None
+    if pairs is not None and len(pairs) == 0:
+        raise UserError(f"{data_dir}: {cfg.loss.name} needs paired data (prompt/chosen/rejected); no complete "
+                        f"chosen/rejected pair is left in the training split")
+    kl_max_length = logprobs_manifest.get("config", {}).get("data", {}).get("max_length", cfg.data.max_length)
+    return TrainRows(ids=split.select_columns(["input_ids"]), completion_start=columns["completion_start"],
+                     label=label, kl_partner=columns["kl_partner"], ref_logps=tensors["ref_logps"].float(),
+                     ref_kl_logps=tensors.get("ref_kl_logps"), pairs=pairs, kl_max_length=int(kl_max_length))
+
+
+def _pairs(pair_id: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """(chosen row, rejected row) for every pair id with exactly one of each, in pair-id order."""
+    found: dict[int, dict[bool, list[int]]] = {}
+    for row, (pid, lab) in enumerate(zip(pair_id.tolist(), label.tolist(), strict=True)):
+        if pid >= 0:
+            found.setdefault(pid, {True: [], False: []})[lab].append(row)
+    pairs = [(rows[True][0], rows[False][0]) for _, rows in sorted(found.items())
+             if len(rows[True]) == 1 and len(rows[False]) == 1]
+    return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def _check_vocab(rows: TrainRows, model, data_dir: Path) -> None:
+    import pyarrow.compute as pc
+
+    largest = pc.max(pc.list_flatten(rows.ids.data.column("input_ids"))).as_py()
+    vocab = model.get_input_embeddings().num_embeddings
+    if largest is not None and largest >= vocab:
+        raise UserError(f"{data_dir}: token id {largest} is outside the policy's vocabulary ({vocab}); the data "
+                        f"was tokenised for another model: re-run `rdro prepare --model <policy>`")
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint's state.json."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch of the next step
+    position: int = 0  # index of the next step within its epoch
+    bco_delta: float = 0.0
+    bco_count: int = 0
+
+
+@dataclass
+class Session:
+    cfg: Recipe
+    accelerator: object
+    policy: torch.nn.Module  # CompletionLogps around the (peft) model, prepared by accelerate
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    rows: TrainRows
+    spec: losses.LossSpec
+    loss_kwargs: dict
+    out: Path
+    fingerprint: str
+    units_per_micro: int
+    steps_per_epoch: int
+    total_steps: int
+    state: TrainState = field(default_factory=TrainState)
+    last_checkpoint: Path | None = None
+
+
+def _fingerprint(cfg: Recipe, inputs: dict, processes: int) -> str:
+    config = cfg.to_dict()
+    train = {k: v for k, v in config["train"].items() if k not in NOT_IN_FINGERPRINT}
+    lora = config["lora"] if cfg.lora.enabled else {"enabled": False}
+    model = {k: config["model"][k] for k in ("name", "revision", "dtype")}
+    return artifacts.fingerprint_json({"inputs": inputs, "model": model, "loss": config["loss"], "train": train,
+                                       "lora": lora, "processes": processes})
+
+
+def _make_accelerator(cfg: Recipe):
+    from accelerate import Accelerator
+
+    # cpu=True without a GPU lets torchrun-launched processes (`accelerate launch --multi_gpu`, or
+    # recipes/accelerate/ddp-cpu-2.yaml) train on CPU with gloo.
+    return Accelerator(gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                       cpu=not torch.cuda.is_available())
+
+
+def _load_policy(cfg: Recipe, device: torch.device, checkpoint: Path | None):
+    """The policy (never a reference model): full weights, or the base with a trainable LoRA adapter."""
+    dtype = cfg.model.dtype
+    if dtype == "auto":  # resolve for the accelerator's device, not for whatever GPU happens to exist
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    full_from_checkpoint = checkpoint is not None and not cfg.lora.enabled
+    source = str(checkpoint / "model") if full_from_checkpoint else cfg.model.name
+    model = modeling.load_model(source, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                                allow_pickle=cfg.model.allow_pickle,
+                                revision=None if full_from_checkpoint else (cfg.model.revision or None))
+    model.config.use_cache = False
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        model = _add_lora(cfg, model, checkpoint)
+    model.train()
+    return model
+
+
+def _add_lora(cfg: Recipe, model, checkpoint: Path | None):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if cfg.train.gradient_checkpointing:
+        model.enable_input_require_grads()  # the frozen embeddings' output must carry grad into the layers
+    if checkpoint is not None:
+        return PeftModel.from_pretrained(model, str(checkpoint / "model"), is_trainable=True)
+    config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                        target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise UserError(f"lora.target_modules {cfg.lora.target_modules} do not fit {cfg.model.name}: "
+                        f"{' '.join(str(err).split())[:200]}") from None
+
+
+def _lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
+    """Linear warmup to the peak over `warmup` steps, then cosine / linear decay to 0, or constant."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _make_optimizer(cfg: Recipe, model) -> torch.optim.AdamW:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # weight decay on matrices only: decaying norms and biases towards 0 hurts and is not what it is for
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.learning_rate)
+
+
+def _static_loss_kwargs(cfg: Recipe, alpha: float | None, preferred_fraction: float | None) -> dict:
+    name = cfg.loss.name
+    if name == "rdro":
+        return {"alpha": alpha, "weighting": cfg.loss.weighting, "preferred_fraction": preferred_fraction}
+    if name == "kto":
+        return {"beta": cfg.loss.beta, "desirable_weight": cfg.loss.desirable_weight,
+                "undesirable_weight": cfg.loss.undesirable_weight}
+    if name in ("bco", "dpo"):
+        return {"beta": cfg.loss.beta}
+    return {}
+
+
+def _resolve_alpha(cfg: Recipe, preferred_fraction: float | None) -> float | None:
+    if cfg.loss.name != "rdro":
+        return None
+    try:
+        return losses.resolve_alpha(cfg.loss.alpha, preferred_fraction)
+    except ValueError as err:
+        raise UserError(f"loss.alpha: {err}; set loss.alpha to a number in (0, 1)") from None
+
+
+def _schedule(cfg: Recipe, units: int, units_per_step: int, data_dir: Path) -> tuple[int, int]:
+    steps_per_epoch = units // units_per_step
+    if steps_per_epoch == 0:
+        what = "pairs" if cfg.loss.name == "dpo" else "rows"
+        raise UserError(f"{data_dir}: the training split has {units} {what}, fewer than one optimizer step takes "
+                        f"({units_per_step}); lower train.batch_size or train.gradient_accumulation_steps")
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    return steps_per_epoch, total
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+def _complete_checkpoints(out: Path) -> list[Path]:
+    folder = out / "checkpoints"
+    found = [p for p in folder.iterdir() if CHECKPOINT.match(p.name) and (p / STATE_FILE).is_file()] \
+        if folder.is_dir() else []
+    return sorted(found, key=lambda p: p.name)
+
+
+def _open_output(out: Path, fingerprint: str, *, resume: bool, force: bool, is_main: bool):
+    """"done", None (start fresh) or the checkpoint to resume from; refuses to mix runs."""
+    manifest = artifacts.read_manifest(out)
+    if force:
+        if is_main:
+            shutil.rmtree(out, ignore_errors=True)
+        return None
+    if manifest is not None:
+        if manifest.get("fingerprint") == fingerprint:
+            return "done"
+        raise UserError(f"{out}: holds a finished training run of another recipe or other inputs; pass --force "
+                        f"to replace it, or choose another --out")
+    checkpoints = _complete_checkpoints(out)
+    if not resume:
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"{out}: holds an unfinished training run; pass --resume to continue it or --force "
+                            f"to start over")
+        return None
+    if not checkpoints:
+        if is_main:
+            shutil.rmtree(out, ignore_errors=True)  # nothing to continue from: a run killed before step 1
+        return None
+    state = json.loads((checkpoints[-1] / STATE_FILE).read_text())
+    if state.get("fingerprint") != fingerprint:
+        raise UserError(f"{checkpoints[-1]}: written by a run with another recipe or other inputs; --resume "
+                        f"needs the same settings (or pass --force to start over)")
+    return checkpoints[-1]
+
+
+def _rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    state = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+             "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _save_model(session: Session, directory: Path) -> None:
+    """Weights (full model) or adapter (LoRA) as safetensors; every process takes part in gathering them."""
+    accelerator = session.accelerator
+    state_dict = accelerator.get_state_dict(session.policy)  # gathers FSDP / ZeRO-3 shards
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(session.policy).model
+        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        model.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True)
+
+
+def _save_checkpoint(session: Session) -> Path:
+    from accelerate.utils import DistributedType, gather_object
+
+    accelerator, state = session.accelerator, session.state
+    final = session.out / "checkpoints" / f"step-{state.step:07d}"
+    tmp = final.with_name(f"{final.name}.tmp-save")  # one name every process agrees on
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    _save_model(session, tmp / "model")
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        accelerator.save_state(str(tmp / "accelerate"))  # sharded optimizer state: every process writes its part
+    elif accelerator.is_main_process:
+        torch.save(session.optimizer.state_dict(), tmp / "optimizer.pt")
+    rng = gather_object([_rng_state()])
+    if accelerator.is_main_process:
+        torch.save(session.scheduler.state_dict(), tmp / "scheduler.pt")
+        body = {"fingerprint": session.fingerprint, **vars(state), "rng": rng}
+        (tmp / STATE_FILE).write_text(json.dumps(body))  # last: its presence marks the checkpoint complete
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in _complete_checkpoints(session.out)[: -session.cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    session.last_checkpoint = final
+    return final
+
+
+def _restore_checkpoint(session: Session, checkpoint: Path) -> None:
+    """Optimizer, schedule, RNG, data position and loss state (the weights were loaded with the policy)."""
+    accelerator = session.accelerator
+    body = json.loads((checkpoint / STATE_FILE).read_text())
+    if (checkpoint / "accelerate").is_dir():
+        accelerator.load_state(str(checkpoint / "accelerate"))
+    else:
+        session.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    session.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    if len(body["rng"]) != accelerator.num_processes:
+        raise UserError(f"{checkpoint}: written by {len(body['rng'])} processes, resumed with "
+                        f"{accelerator.num_processes}; resume with the same launch settings")
+    _set_rng_state(body["rng"][accelerator.process_index])
+    session.state = TrainState(**{k: body[k] for k in vars(TrainState())})
+    session.last_checkpoint = checkpoint
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keeps the rows of steps <= `step`: a resumed run rewrites the ones after its checkpoint."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        artifacts.write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def _save_final(session: Session, tokenizer) -> Path:
+    final = session.out / "final"
+    if not session.accelerator.is_main_process:
+        _save_model(session, final)  # only takes part in gathering the weights
+    else:
+        artifacts.clean_stale(final)
+        with artifacts.atomic_dir(final) as tmp:
+            _save_model(session, tmp)
+            tokenizer.save_pretrained(str(tmp))
+            (tmp / "recipe.toml").write_text(session.cfg.to_toml(), encoding="utf-8")
+    session.accelerator.wait_for_everyone()
+    return final
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[dict]:
+    """SIGINT / SIGTERM ask the loop to finish its step, checkpoint and stop; a second SIGINT stops now."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handle(signum, frame):
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        from rdro_cli.progress import console
+
+        console.print("train: stopping after this step (a checkpoint will be saved; Ctrl-C again to abort now)")
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _step_units(session: Session, epoch: int, position: int) -> np.ndarray:
+    """Units of optimizer step `position` in `epoch`: the epoch's seeded order (or data order), cut in steps."""
+    cfg, n = session.cfg, session.rows.units()
+    order = np.random.default_rng(cfg.train.seed + epoch).permutation(n) if cfg.train.shuffle else np.arange(n)
+    per_step = session.units_per_micro * session.accelerator.num_processes * cfg.train.gradient_accumulation_steps
+    return order[position * per_step:(position + 1) * per_step]
+
+
+def _micro_step(session: Session, rows: np.ndarray, loss_scale: float) -> dict:
+    """Forward, loss and backward of this process's micro-batch; returns detached numbers for the log."""
+    accelerator, rows_data, spec = session.accelerator, session.rows, session.spec
+    kwargs = dict(session.loss_kwargs)
+    index = torch.from_numpy(rows)
+    extra = {}
+    if spec.needs_kl:
+        with torch.no_grad():  # KTO's reference point takes no gradient
+            kl_logratios = session.policy(*rows_data.mismatched_batch(rows)) - rows_data.ref_kl_logps[index].to(
+                accelerator.device)
+        kwargs["kl_ref_point"] = extra["kl_ref_point"] = losses.kto_ref_point(accelerator.gather(kl_logratios))
+    input_ids, attention_mask, completion_mask = rows_data.batch(rows)
+    logratios = session.policy(input_ids, attention_mask, completion_mask) - rows_data.ref_logps[index].to(
+        accelerator.device)
+    labels = torch.from_numpy(rows_data.label[rows]).to(accelerator.device)
+    gathered = accelerator.gather(torch.stack([logratios.detach(), labels.float()], dim=1))
+    if spec.stateful:  # BCO: delta includes this global batch before the loss
+        state = session.state
+        state.bco_delta, state.bco_count = losses.bco_update_delta(
+            state.bco_delta, state.bco_count, kwargs["beta"] * gathered[:, 0])
+        kwargs["delta"] = state.bco_delta
+    if spec.needs_pairs:
+        half = len(rows) // 2
+        output = spec.fn(logratios[:half], logratios[half:], **kwargs)
+    else:
+        output = spec.fn(logratios, labels, **kwargs)
+    accelerator.backward(output.losses.sum() * loss_scale)
+    return {"loss_sum": output.losses.detach().sum(), "tokens": attention_mask.sum(), "gathered": gathered,
+            **extra}
+
+
+def _optimizer_step(session: Session, units: np.ndarray) -> dict:
+    """One optimizer step over `units` (all processes' examples); returns its metrics."""
+    accelerator, cfg = session.accelerator, session.cfg
+    processes, accumulation = accelerator.num_processes, cfg.train.gradient_accumulation_steps
+    # Sum over the step's examples / their number: DDP averages over processes and accelerate's
+    # backward divides by the accumulation steps, so scale each micro-batch's sum by processes*accumulation.
+    loss_scale = processes * accumulation / len(units)
+    u = session.units_per_micro
+    micro = []
+    for k in range(accumulation):
+        mine = units[(k * processes + accelerator.process_index) * u:(k * processes + accelerator.process_index + 1) * u]
+        with accelerator.accumulate(session.policy):
+            micro.append(_micro_step(session, session.rows.rows_of(mine), loss_scale))
+    totals = accelerator.reduce(torch.stack([sum(m["loss_sum"] for m in micro).float(),
+                                             sum(m["tokens"] for m in micro).float()]), reduction="sum")
+    loss = totals[0].item() / len(units)
+    max_norm = cfg.train.max_grad_norm or float("inf")  # inf: measure the norm without clipping
+    grad_norm = accelerator.clip_grad_norm_(session.policy.parameters(), max_norm)
+    grad_norm = None if grad_norm is None else float(grad_norm)  # None: DeepSpeed clips (and checks) itself
+    step = session.state.step + 1
+    if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+        kept = f"the last good checkpoint is {session.last_checkpoint}" if session.last_checkpoint \
+            else "no checkpoint was written yet"
+        raise UserError(f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                        f"(loss {loss}, grad norm {grad_norm}); stopped before the update, {kept}; lower "
+                        f"train.learning_rate or set train.max_grad_norm and re-run with --force")
+    lr = session.scheduler.get_last_lr()[0]
+    session.optimizer.step()
+    session.scheduler.step()
+    session.optimizer.zero_grad(set_to_none=True)
+
+    gathered = torch.cat([m["gathered"] for m in micro])
+    logratios, labels = gathered[:, 0], gathered[:, 1].bool()
+    stat_kwargs = dict(session.loss_kwargs)
+    if session.spec.needs_kl:
+        stat_kwargs["kl_ref_point"] = torch.stack([m["kl_ref_point"] for m in micro]).mean()
+    if session.spec.stateful:
+        stat_kwargs["delta"] = session.state.bco_delta
+    if session.spec.needs_pairs:
+        stats = session.spec.fn(logratios[labels], logratios[~labels], **stat_kwargs).stats
+    else:
+        stats = session.spec.fn(logratios, labels, **stat_kwargs).stats
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": totals[1].item(),
+            **{name: value.item() for name, value in stats.items()}}
+
+
+def _train_loop(session: Session, progress, task, tensorboard) -> None:
+    accelerator, cfg, state = session.accelerator, session.cfg, session.state
+    metrics_path = session.out / METRICS_FILE
+    with _stop_requests() as stop:
+        while state.step < session.total_steps:
+            began = time.perf_counter()
+            record = _optimizer_step(session, _step_units(session, state.epoch, state.position))
+            state.step += 1
+            state.position += 1
+            epoch_progress = state.epoch + state.position / session.steps_per_epoch
+            if state.position == session.steps_per_epoch:
+                state.epoch, state.position = state.epoch + 1, 0
+            tokens_per_s = record.pop("tokens") / max(time.perf_counter() - began, 1e-9)
+            row = {"step": state.step, "epoch": round(epoch_progress, 6), "tokens_per_s": round(tokens_per_s, 1),
+                   **{k: (v if v is not None and math.isfinite(v) else None) for k, v in record.items()}}
+            if accelerator.is_main_process and (state.step % cfg.train.log_every == 0
+                                                or state.step == session.total_steps):
+                _append_metrics(metrics_path, row)
+                if tensorboard is not None:
+                    for name, value in row.items():
+                        if name != "step" and value is not None:
+                            tensorboard.add_scalar(f"train/{name}", value, state.step)
+            progress.update(task, advance=1, loss=f"loss {record['loss']:.4f}",
+                            speed=f"{tokens_per_s:,.0f} tok/s")
+            stopping = stop["stop"]
+            if accelerator.num_processes > 1:  # every process must stop after the same step
+                stopping = bool(accelerator.reduce(torch.tensor(float(stopping), device=accelerator.device),
+                                                   reduction="sum").item())
+            if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or stopping \
+                    or state.step == session.total_steps:
+                _save_checkpoint(session)
+            if stopping:
+                raise KeyboardInterrupt
+
+
+def _open_tensorboard(cfg: Recipe, out: Path, is_main: bool):
+    if not cfg.train.tensorboard or not is_main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("train.tensorboard = true needs the tensorboard package: pip install tensorboard "
+                        "(or set train.tensorboard = false)") from None
+    return SummaryWriter(log_dir=str(out / "tb"))
+
+
+def _load_tokenizer(cfg: Recipe):
+    tokenizer = modeling.load_tokenizer(cfg.model.name, revision=cfg.model.revision or None,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.chat_template:  # the template prepare used, saved with the trained model
+        template = Path(cfg.model.chat_template)
+        tokenizer.chat_template = template.read_text() if template.is_file() else cfg.model.chat_template
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, out: Path | None = None,
+        resume: bool = False, force: bool = False) -> Path:
+    from accelerate.utils import set_seed
+
+    from rdro_cli.progress import console, task_progress
+
+    started = time.time()
+    data_dir = Path(data or cfg.run_dir / "data")
+    logprobs_dir = Path(logprobs or cfg.run_dir / "logprobs")
+    out = Path(out or cfg.run_dir / "train")
+    if not cfg.model.name:
+        raise UserError("no policy model: pass --model (a hub id or local dir) or set model.name")
+    spec = losses.LOSSES[cfg.loss.name]
+    if spec.needs_pairs and cfg.train.batch_size % 2:
+        raise UserError(f"train.batch_size = {cfg.train.batch_size}: {cfg.loss.name} batches hold whole "
+                        f"chosen/rejected pairs, so it must be even")
+
+    # validate inputs
+    data_manifest, logprobs_manifest = _read_inputs(cfg, data_dir, logprobs_dir, spec)
+    accelerator = _make_accelerator(cfg)
+    inputs = {"data": data_manifest["fingerprint"], "logprobs": logprobs_manifest["fingerprint"],
+              "model": modeling.model_fingerprint(cfg.model.name, revision=cfg.model.revision or None)}
+    fingerprint = _fingerprint(cfg, inputs, accelerator.num_processes)
+    checkpoint = _open_output(out, fingerprint, resume=resume, force=force, is_main=accelerator.is_main_process)
+    if checkpoint == "done":
+        if accelerator.is_main_process:
+            console.print(f"train: {out} is up to date (use --force to retrain)", soft_wrap=True)
+        return out
+    accelerator.wait_for_everyone()
+    rows = _load_rows(cfg, data_dir, logprobs_dir, logprobs_manifest, spec)
+    preferred_fraction = data_manifest.get("preferred_fraction")
+    alpha = _resolve_alpha(cfg, preferred_fraction)
+    units_per_micro = cfg.train.batch_size // 2 if spec.needs_pairs else cfg.train.batch_size
+    steps_per_epoch, total_steps = _schedule(
+        cfg, rows.units(), units_per_micro * accelerator.num_processes * cfg.train.gradient_accumulation_steps,
+        data_dir)
+    tensorboard = _open_tensorboard(cfg, out, accelerator.is_main_process)
+
+    # set up: policy, optimizer, schedule
+    set_seed(cfg.train.seed)
+    tokenizer = _load_tokenizer(cfg)
+    model = _load_policy(cfg, accelerator.device, checkpoint if isinstance(checkpoint, Path) else None)
+    _check_vocab(rows, model, data_dir)
+    rows.device = accelerator.device
+    rows.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    wrapper = modeling.CompletionLogps(model, chunk_size=cfg.train.chunk_size)
+    wrapper._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP auto-wrap looks at the root
+    optimizer = _make_optimizer(cfg, model)
+    if accelerator.distributed_type.value == "DEEPSPEED":  # no dataloader to infer it from
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    policy, optimizer = accelerator.prepare(wrapper, optimizer)
+    warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
+    # not prepared: accelerate would step it once per process
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(_lr_factor, warmup=warmup, total=total_steps, kind=cfg.train.lr_scheduler))
+    session = Session(cfg=cfg, accelerator=accelerator, policy=policy, optimizer=optimizer, scheduler=scheduler,
+                      rows=rows, spec=spec, loss_kwargs=_static_loss_kwargs(cfg, alpha, preferred_fraction),
+                      out=out, fingerprint=fingerprint, units_per_micro=units_per_micro,
+                      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    if isinstance(checkpoint, Path):
+        _restore_checkpoint(session, checkpoint)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in (out / "checkpoints").glob("*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        _truncate_metrics(out / METRICS_FILE, session.state.step)
+    accelerator.wait_for_everyone()
+
+    # loop
+    progress = task_progress("loss", "speed")
+    progress.disable = not accelerator.is_main_process
+    try:
+        with progress:
+            task = progress.add_task(f"train {cfg.loss.name}", total=total_steps, completed=session.state.step,
+                                     loss="", speed="")
+            _train_loop(session, progress, task, tensorboard)
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
+
+    # save
+    final = _save_final(session, tokenizer)
+    if accelerator.is_main_process:
+        counts = {"steps": session.state.step, "steps_per_epoch": steps_per_epoch, "train_units": rows.units(),
+                  "processes": accelerator.num_processes,
+                  "examples_per_step": units_per_micro * accelerator.num_processes
+                  * cfg.train.gradient_accumulation_steps}
+        artifacts.write_manifest(out, stage="train", fingerprint=fingerprint, inputs=inputs, config=cfg.to_dict(),
+                                 counts=counts, started=started, final=str(final), loss=cfg.loss.name, alpha=alpha,
+                                 lora=cfg.lora.enabled)
+        console.print(f"train: {session.state.step} steps of {cfg.loss.name} -> {final}", soft_wrap=True)
+    accelerator.wait_for_everyone()
+    return out
