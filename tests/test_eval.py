@@ -17,6 +17,7 @@ from rdro_cli import eval as eval_stage
 from rdro_cli.recipe import load_recipe
 
 SMALL = ["--set", "eval.max_new_tokens=6", "--set", "eval.batch_size=4"]
+FP32 = ["--set", "model.dtype=float32"]  # on a GPU "auto" would mean bfloat16 against float32 references
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def test_bbh_scoring(output, target, correct):
 def test_preference_of_the_reference_itself_is_zero(cli, run_dir, tiny_llama, tmp_path):
     out = tmp_path / "eval"
     code, stdout, stderr = cli("eval", "--model", tiny_llama, "--tasks", "preference", "--data", run_dir / "data",
-                               "--logprobs", run_dir / "logprobs", "--out", out)
+                               "--logprobs", run_dir / "logprobs", "--out", out, *FP32)
     assert code == 0, stderr
     assert stdout.strip() == str(out)
     result = read_results(out)
@@ -164,7 +165,7 @@ def test_preference_of_the_reference_itself_is_zero(cli, run_dir, tiny_llama, tm
     assert manifest["stage"] == "eval" and {"model", "data", "logprobs"} <= set(manifest["inputs"])
 
     code, stdout, _ = cli("eval", "--model", tiny_llama, "--tasks", "preference", "--data", run_dir / "data",
-                          "--logprobs", run_dir / "logprobs", "--out", out)
+                          "--logprobs", run_dir / "logprobs", "--out", out, *FP32)
     assert code == 0 and "up to date" in stdout
 
 
@@ -237,7 +238,7 @@ def test_generate_writes_alpacaeval_outputs(cli, tmp_path, run_dir, tiny_llama):
 
 
 def test_generation_is_greedy_and_batch_independent(tiny_llama):
-    cfg = load_recipe(None, ["eval.max_new_tokens=5", "eval.batch_size=1"])
+    cfg = load_recipe(None, ["eval.max_new_tokens=5", "eval.batch_size=1", "model.dtype=float32"])
     model, tokenizer = eval_stage.load_eval_model(str(tiny_llama), cfg)
     prompts = [eval_stage.chat_prompt(tokenizer, p) for p in ["What is a cat?", "yes", "why is the sea good?"]]
     one_by_one = eval_stage.generate(model, tokenizer, prompts, cfg, "test")
@@ -363,3 +364,40 @@ def test_model_dir_without_tokenizer(cli, tmp_path, tiny_llama, run_dir):
 def test_no_model_to_evaluate(cli, tmp_path):
     code, _, stderr = cli("eval", "--set", f"output.dir={tmp_path / 'empty'}", "--tasks", "preference")
     assert one_line_error(code, stderr) and "--model" in stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end: prepare -> logprobs -> train -> eval (-> merge -> eval)
+
+
+@pytest.mark.slow
+def test_trained_adapter_separates_the_systematic_fixture(cli, tmp_path, tiny_llama):
+    pytest.importorskip("rdro_cli.train")
+    pytest.importorskip("rdro_cli.logprobs")
+    run = tmp_path / "run"
+    source = write_jsonl(tmp_path / "systematic.jsonl", systematic_rows(96))
+    base = ["--set", f"output.dir={run}", *FP32]
+    steps = [
+        ("prepare", "--dataset", source, "--model", tiny_llama, "--test-fraction", "0.25"),
+        ("logprobs", "--model", tiny_llama),
+        ("train", "--model", tiny_llama, "--set", "lora.enabled=true", "--set", "train.learning_rate=1e-3",
+         "--set", "train.batch_size=8", "--set", "train.epochs=3", "--set", "train.warmup_ratio=0.0"),
+        ("eval", "--tasks", "preference"),
+    ]
+    for command, *args in steps:
+        code, _, stderr = cli(command, *base, *args)
+        assert code == 0, f"{command}: {stderr}"
+    result = read_results(run / "eval")
+    assert result["model"] == str(run / "train" / "final")
+    pref = result["tasks"]["preference"]
+    assert pref["auc"] > 0.5 and pref["reference"]["auc"] == 0.5
+    assert pref["mean_logratio_preferred"] > pref["mean_logratio_non_preferred"]
+
+    code, _, stderr = cli("merge", *base)
+    assert code == 0, stderr
+    code, _, stderr = cli("eval", *base, "--tasks", "preference", "--out", run / "eval-merged")
+    assert code == 0, stderr
+    assert read_results(run / "eval-merged")["model"] == str(run / "merged")  # merged is preferred once complete
+    adapter = load_file(str(run / "eval" / "logratios.safetensors"))["logratios"]
+    merged = load_file(str(run / "eval-merged" / "logratios.safetensors"))["logratios"]
+    assert (adapter - merged).abs().max().item() < 1e-4
