@@ -160,8 +160,8 @@ def read_preference(cfg: Recipe, data: Path | None, logprobs: Path | None) -> tu
     if len(ref_logps) != full_rows:
         raise UserError(f"{path}: {len(ref_logps)} reference log-probs for {full_rows} test rows; "
                         f"re-run `rdro logprobs --force`")
-    rows = {"input_ids": test["input_ids"], "completion_start": test["completion_start"],
-            "label": test["label"], "pair_id": test["pair_id"], "ref_logps": ref_logps[: len(test)]}
+    rows = test.select_columns(["input_ids", "completion_start", "label", "pair_id"])[:]  # plain lists
+    rows["ref_logps"] = ref_logps[: len(test)]
     return rows, {"data": data_manifest["fingerprint"], "logprobs": manifest["fingerprint"]}
 
 
@@ -183,7 +183,8 @@ def read_generate(cfg: Recipe, data: Path | None, logprobs: Path | None) -> tupl
         test = datasets.load_from_disk(str(data_dir))["test"]
         name = str(manifest.get("dataset") or "test")
         dataset = Path(name).stem if Path(name).exists() else name
-        unique = dict(zip(test["prompt_text"], test["prompt"], strict=True))  # first appearance order
+        columns = test.select_columns(["prompt_text", "prompt"])[:]
+        unique = dict(zip(columns["prompt_text"], columns["prompt"], strict=True))  # first appearance order
         prompts = [{"instruction": raw, "prompt_text": text, "dataset": dataset} for text, raw in unique.items()]
         fingerprint = {"data": manifest["fingerprint"]}
     return prompts[: cfg.eval.limit or None], fingerprint
