@@ -162,6 +162,7 @@ def read_preference(cfg: Recipe, data: Path | None, logprobs: Path | None) -> tu
                         f"re-run `rdro logprobs --force`")
     rows = test.select_columns(["input_ids", "completion_start", "label", "pair_id"])[:]  # plain lists
     rows["ref_logps"] = ref_logps[: len(test)]
+    rows["tokenizer"] = data_manifest.get("inputs", {}).get("tokenizer")
     return rows, {"data": data_manifest["fingerprint"], "logprobs": manifest["fingerprint"]}
 
 
@@ -352,12 +353,16 @@ def load_eval_model(name: str, cfg: Recipe):
                                           str(local)).eval()
     else:
         model = load_model(name, revision=revision, **options)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise UserError(f"{name}: the tokenizer has neither a pad nor an eos token; batched generation "
-                            f"needs one")
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _check_tokenizer(tokenizer, expected: str | None, model: str, data: Path) -> None:
+    """The test split's token ids only mean something under the tokenizer `prepare` used."""
+    from rdro_cli.modeling import tokenizer_fingerprint
+
+    if expected and tokenizer_fingerprint(tokenizer) != expected:
+        raise UserError(f"{data} was tokenised with a different tokenizer than {model}'s; re-run "
+                        f"`rdro prepare --model {model}` into another run dir, or evaluate a model of this run")
 
 
 def _device(model) -> torch.device:
@@ -393,6 +398,10 @@ def generate(model, tokenizer, prompts: list[str], cfg: Recipe, description: str
     from rdro_cli.progress import task_progress
 
     sample = cfg.eval.do_sample and not greedy
+    if tokenizer.pad_token is None:  # left padding needs some token; masked out, so eos does
+        if tokenizer.eos_token is None:
+            raise UserError("the tokenizer has neither a pad nor an eos token; batched generation needs one")
+        tokenizer.pad_token = tokenizer.eos_token
     eos = model.generation_config.eos_token_id
     eos = [*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tokenizer.eos_token_id]
     options = dict(temperature=cfg.eval.temperature, top_k=0, top_p=1.0) if sample else {}
@@ -448,7 +457,8 @@ def eval_preference(model, tokenizer, rows: dict, cfg: Recipe, out: Path) -> dic
     if max((max(r) for r in rows["input_ids"]), default=0) >= vocab:
         raise UserError(f"the test split has token ids beyond the model's vocabulary ({vocab}): it was prepared "
                         f"with another tokenizer; re-run `rdro prepare` with this model")
-    logratios = policy_logps(model, rows, tokenizer.pad_token_id, cfg) - rows["ref_logps"]
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    logratios = policy_logps(model, rows, pad_id, cfg) - rows["ref_logps"]
     labels = torch.as_tensor(rows["label"], dtype=torch.uint8)
     save_file({"logratios": logratios.contiguous(), "labels": labels}, str(out / "logratios.safetensors"))
     metrics = preference_metrics(logratios.numpy(), labels.numpy().astype(bool), rows["pair_id"])
@@ -573,6 +583,8 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
         return out
 
     model, tokenizer = load_eval_model(model_name, cfg)
+    if "preference" in payloads:
+        _check_tokenizer(tokenizer, payloads["preference"]["tokenizer"], model_name, data or cfg.run_dir / "data")
     runners = {"preference": eval_preference, "generate": eval_generate, "exact_match": eval_exact_match,
                "bbh": eval_bbh}
     results = {}

@@ -210,6 +210,17 @@ def test_refuses_logprobs_of_other_data(cli, tmp_path, run_dir, tiny_llama):
     assert one_line_error(code, stderr) and "rdro logprobs" in stderr
 
 
+def test_refuses_a_model_with_another_tokenizer(cli, tmp_path, run_dir):
+    import tiny_model
+    from conftest import build_model
+
+    other = tiny_model.build_tokenizer(tmp_path / "other", tiny_model.corpus([]), vocab_size=300)
+    model = build_model(tmp_path / "other", other, "llama")
+    code, _, stderr = cli("eval", "--model", model, "--tasks", "preference", "--data", run_dir / "data",
+                          "--logprobs", run_dir / "logprobs", "--out", tmp_path / "eval")
+    assert one_line_error(code, stderr) and "different tokenizer" in stderr
+
+
 # ---------------------------------------------------------------------------------------------------------
 # generate / exact_match / bbh
 
@@ -370,7 +381,6 @@ def test_no_model_to_evaluate(cli, tmp_path):
 # End to end: prepare -> logprobs -> train -> eval (-> merge -> eval)
 
 
-@pytest.mark.slow
 def test_trained_adapter_separates_the_systematic_fixture(cli, tmp_path, tiny_llama):
     pytest.importorskip("rdro_cli.train")
     pytest.importorskip("rdro_cli.logprobs")
