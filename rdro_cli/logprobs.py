@@ -69,19 +69,21 @@ def _plan(splits: dict, shard_rows: int) -> list[tuple[str, int, range]]:
     return plan
 
 
-def _open_partial(partial: Path, fingerprint: str, force: bool, is_main: bool) -> None:
-    """The resumable work dir: reused when it belongs to the same inputs, else refused (or reset on --force)."""
+def _reusable_partial(partial: Path, fingerprint: str, force: bool) -> bool:
+    """True when `partial` holds shards of the same inputs; refuses one made for other inputs."""
     plan_file = partial / "plan.json"
-    if plan_file.is_file() and not force:
-        recorded = json.loads(plan_file.read_text())
-        if recorded.get("fingerprint") != fingerprint:
-            raise UserError(f"{partial}: a partial logprobs run for other inputs (data, model or settings) is "
-                            f"here; re-run with --force to discard it")
-        return
-    if is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-        (partial / "shards").mkdir(parents=True)
-        artifacts.write_text_atomic(plan_file, json.dumps({"fingerprint": fingerprint}))
+    if force or not plan_file.is_file():
+        return False
+    if json.loads(plan_file.read_text()).get("fingerprint") != fingerprint:
+        raise UserError(f"{partial}: a partial logprobs run for other inputs (data, model or settings) is "
+                        f"here; re-run with --force to discard it")
+    return True
+
+
+def _create_partial(partial: Path, fingerprint: str) -> None:
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "shards").mkdir(parents=True)
+    artifacts.write_text_atomic(partial / "plan.json", json.dumps({"fingerprint": fingerprint}))
 
 
 def _assemble(partial: Path, plan, splits: dict, with_kl: bool, out: Path, **manifest) -> None:
@@ -127,19 +129,23 @@ def run(cfg: Recipe, *, data: Path | None = None, out: Path | None = None, force
         return out
 
     partial = out.with_name(out.name + ".partial")
-    _open_partial(partial, fingerprint, force, state.is_main_process)
-    state.wait_for_everyone()
+    reuse = _reusable_partial(partial, fingerprint, force)
     splits = _load_rows(data)
     plan = _plan(splits, cfg.logprobs.shard_rows)
     mine = [(name, k, rows) for i, (name, k, rows) in enumerate(plan) if i % state.num_processes == state.process_index]
     todo = [(name, k, rows) for name, k, rows in mine
-            if not (partial / "shards" / f"{name}-{k:05d}.safetensors").is_file()]
+            if not (reuse and (partial / "shards" / f"{name}-{k:05d}.safetensors").is_file())]
+    # Load before creating the work dir, so a model that cannot load leaves nothing behind.
+    model = modeling.load_model(model_name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                                allow_pickle=cfg.model.allow_pickle, device=state.device,
+                                revision=cfg.model.revision or None) if todo else None
+    state.wait_for_everyone()
+    if state.is_main_process and not reuse:
+        _create_partial(partial, fingerprint)
+    state.wait_for_everyone()
 
     tokens_done = 0
     if todo:
-        model = modeling.load_model(model_name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                                    allow_pickle=cfg.model.allow_pickle, device=state.device,
-                                    revision=cfg.model.revision or None)
         tokenizer_pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         from rdro_cli.progress import task_progress
 

@@ -201,8 +201,10 @@ class RecipeError(UserError):
 
     def __init__(self, problems: list[str]):
         self.problems = problems
-        noun = "problem" if len(problems) == 1 else "problems"
-        super().__init__(f"recipe has {len(problems)} {noun}:\n" + "\n".join(f"  {p}" for p in problems))
+        if len(problems) == 1:  # one problem, one line
+            super().__init__(problems[0])
+        else:
+            super().__init__(f"recipe has {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems))
 
 
 def field_help(section: str, key: str) -> str:

@@ -1,0 +1,215 @@
+"""Bad input table: every case exits 2 with one line naming the problem, no traceback, nothing written.
+
+Cases span recipes, flags, datasets and artifacts of every stage. A hypothesis fuzz of the dataset row
+parser checks that any JSON-like row either parses or raises the one-line UserError.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES, build_model, systematic_rows, write_jsonl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rdro_cli import prepare
+from rdro_cli.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_llama):
+    """A finished tiny run: data, logprobs (rdro), a LoRA adapter from 2 steps, and an eval."""
+    from typer.testing import CliRunner
+
+    from rdro_cli.cli import app
+
+    root = tmp_path_factory.mktemp("reliability-run")
+    source = write_jsonl(root / "rows.jsonl", systematic_rows(24))
+    common = ["--set", f"output.dir={json.dumps(str(root / 'run'))}", "--set", f"model.name={json.dumps(str(tiny_llama))}"]
+    for args in (["prepare", "--dataset", str(source)], ["logprobs"],
+                 ["train", "--set", "lora.enabled=true", "--set", "train.max_steps=2", "--set", "train.batch_size=4"]):
+        result = CliRunner().invoke(app, [*args, *common], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+def _recipe(tmp: Path, text: str) -> Path:
+    path = tmp / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
+def _file(tmp: Path, name: str, content: str | bytes) -> Path:
+    path = tmp / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+GOOD = [{"prompt": "x", "completion": "y", "label": i % 2 == 0} for i in range(6)]
+
+
+def _prepare(source, model="{llama}", *extra):
+    return ["prepare", "--dataset", source, "--model", model, "--out", "{tmp}/out", *extra]
+
+
+# Each case: (id, builder(tmp) -> argv with {llama}/{qwen}/{run}/{tmp} placeholders, expected message part)
+CASES = [
+    ("misspelt-key", lambda t: ["validate", _recipe(t, "[loss]\nalpah = 0.5\n")], "loss.alpah: unknown key (did you mean"),
+    ("mistyped-value", lambda t: ["validate", _recipe(t, '[train]\nbatch_size = "8"\n')],
+     "train.batch_size: must be an integer"),
+    ("alpha-above-1", lambda t: ["validate", _recipe(t, "[loss]\nalpha = 1.5\n")], "loss.alpha: must be in (0, 1)"),
+    ("alpha-zero-set", lambda t: [*_prepare(FIXTURES / "mix14k_sample.jsonl"), "--set", "loss.alpha=0"],
+     "loss.alpha: must be in (0, 1)"),
+    ("unknown-section", lambda t: ["validate", _recipe(t, "[trian]\nseed = 1\n")], "unknown section [trian]"),
+    ("invalid-toml", lambda t: ["validate", _recipe(t, "[loss\n")], "not valid TOML"),
+    ("missing-recipe", lambda t: ["prepare", "--recipe", t / "nope.toml"], "recipe file not found"),
+    ("set-without-equals", lambda t: [*_prepare(FIXTURES / "mix14k_sample.jsonl"), "--set", "loss.alpha"],
+     "expected section.key=value"),
+    ("unknown-loss-flag", lambda t: ["train", "--loss", "ppo", "--model", "{llama}", "--out", "{tmp}/out"],
+     "loss.name: 'ppo' is not one of"),
+    ("prompt-longer-than-max-length", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{llama}", "--max-length",
+                                                          "64", "--max-prompt-length", "64"),
+     "data.max_prompt_length: must be < data.max_length"),
+    ("empty-file", lambda t: _prepare(_file(t, "empty.jsonl", "")), "no rows"),
+    ("wrong-type-row", lambda t: _prepare(write_jsonl(t / "d.jsonl", [*GOOD, {"prompt": "a", "completion": 3,
+                                                                              "label": True}])),
+     "completion must be a string or a list"),
+    ("non-boolean-label", lambda t: _prepare(write_jsonl(t / "d.jsonl", [*GOOD, {"prompt": "a", "completion": "b",
+                                                                                 "label": "maybe"}])),
+     "is not boolean-like"),
+    ("missing-column", lambda t: _prepare(write_jsonl(t / "d.jsonl", [*GOOD, {"prompt": "a", "label": True}])),
+     "missing column 'completion'"),
+    ("unparseable-line", lambda t: _prepare(_file(t, "d.jsonl", json.dumps(GOOD[0]) + "\n{oops\n")),
+     "d.jsonl:2: not valid JSON"),
+    ("one-label-dataset", lambda t: _prepare(write_jsonl(t / "d.jsonl", [GOOD[0]] * 8)), "RDRO needs both labels"),
+    ("unreadable-file", lambda t: _prepare(_file(t, "d.jsonl", b"\xff\xfe\x00garbage")), "cannot read dataset file"),
+    ("unsupported-extension", lambda t: _prepare(_file(t, "d.txt", "hello")), "unsupported file type"),
+    ("unknown-short-name", lambda t: _prepare("mix15k"), "neither a known short name"),
+    ("hub-dataset-offline", lambda t: _prepare("mix14k"), "cannot load hub dataset 'trl-lib/kto-mix-14k'"),
+    ("no-chat-template", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{notemplate}"),
+     "no chat template"),
+    ("missing-dataset-file", lambda t: _prepare(t / "nope.jsonl"), "dataset file not found"),
+    ("logprobs-missing-data", lambda t: ["logprobs", "--data", t / "nope", "--model", "{llama}", "--out",
+                                         "{tmp}/out"], "run `rdro prepare` first"),
+    ("logprobs-half-written-data", lambda t: ["logprobs", "--data", "{half}", "--model", "{llama}", "--out",
+                                              "{tmp}/out"], "is incomplete (no manifest.json)"),
+    ("logprobs-mismatched-tokenizer", lambda t: ["logprobs", "--data", "{run}/data", "--model", "{qwen}", "--out",
+                                                 "{tmp}/out"], "tokenised with a different tokenizer"),
+    ("pickle-checkpoint", lambda t: ["logprobs", "--data", "{run}/data", "--model", "{pickle}", "--out",
+                                     "{tmp}/out"], "model.allow_pickle = true"),
+    ("missing-model-dir", lambda t: ["logprobs", "--data", "{run}/data", "--model", t / "no-model", "--out",
+                                     "{tmp}/out"], "does not exist"),
+    ("logprobs-for-another-dataset", lambda t: ["train", "--data", "{other_data}", "--logprobs", "{run}/logprobs",
+                                                "--model", "{llama}", "--out", "{tmp}/out"], "different"),
+    ("dpo-on-unpaired-data", lambda t: ["train", "--data", "{run}/data", "--logprobs", "{run}/logprobs",
+                                        "--model", "{llama}", "--loss", "dpo", "--out", "{tmp}/out"],
+     "paired"),
+    ("kto-without-kl-logprobs", lambda t: ["train", "--data", "{run}/data", "--logprobs", "{run}/logprobs",
+                                           "--model", "{llama}", "--loss", "kto", "--out", "{tmp}/out"],
+     "ref_kl_logps"),
+    ("merge-missing-adapter-base", lambda t: ["merge", "--adapter", "{orphan_adapter}", "--out", "{tmp}/out"],
+     "base"),
+    ("merge-mismatched-base", lambda t: ["merge", "--adapter", "{run}/train/final", "--base", "{wide}",
+                                         "--out", "{tmp}/out"], "does not fit base model"),
+    ("eval-missing-task-file", lambda t: ["eval", "--model", "{llama}", "--tasks", "exact_match", "--set",
+                                          f"eval.exact_match_file={json.dumps(str(t / 'nope.jsonl'))}",
+                                          "--out", "{tmp}/out"], "exact_match file not found"),
+    ("eval-bbh-wrong-shape", lambda t: ["eval", "--model", "{llama}", "--tasks", "bbh", "--set",
+                                        f"eval.bbh_dir={json.dumps(str(t / 'bbh'))}", "--out", "{tmp}/out"],
+     'examples[0] is not {"input": str, "target": str}'),
+    ("eval-model-without-tokenizer", lambda t: ["eval", "--model", "{no_tokenizer}", "--data", "{run}/data",
+                                                "--logprobs", "{run}/logprobs", "--out", "{tmp}/out"],
+     "no tokenizer files"),
+    ("report-missing-run", lambda t: ["report", "--run", t / "no-run", "--out", "{tmp}/out"], "no-run"),
+]
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory, run_dir, tiny_llama, tiny_qwen2, no_template_tokenizer):
+    """Artifacts some cases point at, built once."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("places")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    pickle_dir = root / "pickle-model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model.save_pretrained(pickle_dir)  # transformers 5 writes safetensors only: turn it into a pickle file
+    torch.save(load_file(pickle_dir / "model.safetensors"), pickle_dir / "pytorch_model.bin")
+    (pickle_dir / "model.safetensors").unlink()
+    tokenizer.save_pretrained(pickle_dir)
+    no_tokenizer = root / "no-tokenizer"
+    model.save_pretrained(no_tokenizer)
+    wide = build_model(root / "wide", tokenizer, "llama", hidden=64)
+    half = root / "half-data"
+    shutil.copytree(run_dir / "data", half)
+    (half / "manifest.json").unlink()  # what a killed prepare would leave if it wrote in place
+    orphan = root / "orphan-adapter"
+    shutil.copytree(run_dir / "train" / "final", orphan)
+    config = json.loads((orphan / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(root / "deleted-base")
+    (orphan / "adapter_config.json").write_text(json.dumps(config))
+    other = root / "other-data"
+    prepare.run(__import__("rdro_cli.recipe", fromlist=["load_recipe"]).load_recipe(
+        None, [], {"data.dataset": str(write_jsonl(root / "other.jsonl", systematic_rows(20, seed=3))),
+                   "model.name": str(tiny_llama)}), out=other)
+    return {"llama": tiny_llama, "qwen": tiny_qwen2, "notemplate": no_template_tokenizer, "run": run_dir,
+            "pickle": pickle_dir, "no_tokenizer": no_tokenizer, "wide": wide, "half": half,
+            "orphan_adapter": orphan, "other_data": other}
+
+
+def _tree(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*")}
+
+
+def test_the_table_has_at_least_25_cases():
+    assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("name,build,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line(cli, tmp_path, places, name, build, message):
+    if name == "eval-bbh-wrong-shape":
+        (tmp_path / "bbh").mkdir()
+        (tmp_path / "bbh" / "date.json").write_text(json.dumps({"examples": [{"question": "?", "answer": "a"}]}))
+    args = [str(a).format(tmp=tmp_path, **places) for a in build(tmp_path)]
+    watched = [tmp_path, places["run"]]
+    before = [_tree(p) for p in watched]
+    code, stdout, stderr = cli(*args)
+    assert code == 2, (name, code, stdout, stderr)
+    assert message in stderr, (name, stderr)
+    assert len(stderr.strip().splitlines()) == 1, (name, stderr)
+    assert "Traceback" not in stdout + stderr
+    assert [_tree(p) for p in watched] == before, f"{name}: wrote files"
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", 3]),
+                                           "content": st.text(max_size=6) | st.integers()}), max_size=3)
+ROWS = st.one_of(
+    JSON_VALUES,
+    st.fixed_dictionaries({"prompt": st.text(max_size=6) | MESSAGES | JSON_VALUES,
+                           "completion": st.text(max_size=6) | MESSAGES | JSON_VALUES,
+                           "label": st.sampled_from([True, False, 0, 1, "yes", "no", "maybe", None, 2.5])}),
+    st.fixed_dictionaries({"prompt": st.text(max_size=6) | MESSAGES, "chosen": st.text(max_size=6) | MESSAGES,
+                           "rejected": st.text(max_size=6) | MESSAGES | JSON_VALUES}),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(ROWS)
+def test_row_parser_fuzz_never_tracebacks(row):
+    try:
+        examples = prepare.parse_row(row, "fuzz.jsonl:1", pair_id=0)
+    except UserError as err:
+        message = str(err)
+        assert message.startswith("fuzz.jsonl:1: ") and "\n" not in message
+        return
+    assert examples and all(isinstance(ex.label, bool) for ex in examples)
