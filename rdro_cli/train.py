@@ -213,7 +213,11 @@ def _load_policy(cfg: Recipe, device: torch.device, checkpoint: Path | None):
                                 revision=None if full_from_checkpoint else (cfg.model.revision or None))
     model.config.use_cache = False
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = _add_lora(cfg, model, checkpoint)
     model.train()

@@ -324,3 +324,25 @@ def test_two_processes_match_one_process_with_twice_the_batch(systematic_run, ti
     for a, b in zip(one, two, strict=True):
         assert a["kl_ref_point"] == pytest.approx(b["kl_ref_point"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_gradient_checkpointing_with_lora_gives_the_same_steps(systematic_run, tiny_llama, tmp_path):
+    lora = ["lora.enabled=true", "lora.r=4", "lora.dropout=0.1", "lora.target_modules=q_proj,v_proj",
+            "train.max_steps=3"]
+    code, _, err = _train(systematic_run, tmp_path / "plain", tiny_llama, *lora)
+    assert code == 0, err
+    code, _, err = _train(systematic_run, tmp_path / "ckpt", tiny_llama, *lora, "train.gradient_checkpointing=true")
+    assert code == 0, err
+    for a, b in zip(_metrics(tmp_path / "plain"), _metrics(tmp_path / "ckpt"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ddp-cpu-2.yaml", "zero3-8gpu.yaml", "fsdp-8gpu.yaml"])
+def test_shipped_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "recipes" / "accelerate" / name))
+    assert config.num_processes == (2 if name.startswith("ddp") else 8)
+    assert config.distributed_type.value == {"ddp": "MULTI_GPU", "zero3": "DEEPSPEED", "fsdp": "FSDP"}[
+        name.split("-")[0]]
