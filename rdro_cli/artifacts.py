@@ -143,6 +143,18 @@ def require_input(directory: Path, stage: str, *, rerun: str | None = None) -> d
     return manifest
 
 
+def require_finished_model(model_dir: Path) -> None:
+    """Refuses `<run>/train/final` (or a checkpoint's model) while its training run is unfinished.
+
+    The final weights are written just before the train manifest; a run killed in between must not
+    hand a later stage something that looks like a finished model.
+    """
+    model_dir = Path(model_dir)
+    train_dir = model_dir.parent
+    if model_dir.name == "final" and (train_dir / "metrics.jsonl").exists():
+        require_input(train_dir, "train", rerun="rdro train --resume")
+
+
 def check_inputs_match(directory: Path, manifest: dict, expected: dict[str, str], *, rerun: str) -> None:
     """Refuses an artifact whose recorded inputs differ from the ones at hand."""
     recorded = manifest.get("inputs", {})

@@ -321,6 +321,7 @@ def check_model(name: str, cfg: Recipe) -> dict:
     if local.exists() and not local.is_dir():
         raise UserError(f"{name}: a file; pass the model directory (with config.json)")
     if local.is_dir():
+        artifacts.require_finished_model(local)
         if not any((local / f).is_file() for f in ("config.json", ADAPTER_CONFIG)):
             raise UserError(f"{name}: not a model directory (no config.json or {ADAPTER_CONFIG})")
         if not any((local / f).is_file() for f in TOKENIZER_FILES):

@@ -155,6 +155,7 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
     out = Path(out or cfg.run_dir / "merged")
     if not adapter.is_dir():
         raise UserError(f"{adapter}: adapter directory does not exist; run `rdro train` first or pass --adapter")
+    artifacts.require_finished_model(adapter)
     if not (adapter / ADAPTER_CONFIG).is_file():
         if (adapter / "config.json").is_file():
             _console().print(f"merge: {adapter} is already a full model (no {ADAPTER_CONFIG}); "

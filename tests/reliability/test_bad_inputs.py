@@ -112,6 +112,11 @@ CASES = [
      "ref_kl_logps"),
     ("merge-missing-adapter-base", lambda t: ["merge", "--adapter", "{orphan_adapter}", "--out", "{tmp}/out"],
      "base"),
+    ("merge-unfinished-train", lambda t: ["merge", "--adapter", "{unfinished}/final", "--out", "{tmp}/out"],
+     "train output is incomplete (no manifest.json); run `rdro train --resume` first"),
+    ("eval-unfinished-train", lambda t: ["eval", "--model", "{unfinished}/final", "--data", "{run}/data",
+                                         "--logprobs", "{run}/logprobs", "--out", "{tmp}/out"],
+     "train output is incomplete"),
     ("merge-mismatched-base", lambda t: ["merge", "--adapter", "{run}/train/final", "--base", "{wide}",
                                          "--out", "{tmp}/out"], "does not fit base model"),
     ("eval-missing-task-file", lambda t: ["eval", "--model", "{llama}", "--tasks", "exact_match", "--set",
@@ -153,13 +158,16 @@ def places(tmp_path_factory, run_dir, tiny_llama, tiny_qwen2, no_template_tokeni
     config = json.loads((orphan / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(root / "deleted-base")
     (orphan / "adapter_config.json").write_text(json.dumps(config))
+    unfinished = root / "unfinished-train"  # what a kill between final/ and the manifest leaves
+    shutil.copytree(run_dir / "train", unfinished)
+    (unfinished / "manifest.json").unlink()
     other = root / "other-data"
     prepare.run(__import__("rdro_cli.recipe", fromlist=["load_recipe"]).load_recipe(
         None, [], {"data.dataset": str(write_jsonl(root / "other.jsonl", systematic_rows(20, seed=3))),
                    "model.name": str(tiny_llama)}), out=other)
     return {"llama": tiny_llama, "qwen": tiny_qwen2, "notemplate": no_template_tokenizer, "run": run_dir,
             "pickle": pickle_dir, "no_tokenizer": no_tokenizer, "wide": wide, "half": half,
-            "orphan_adapter": orphan, "other_data": other}
+            "orphan_adapter": orphan, "other_data": other, "unfinished": unfinished}
 
 
 def _tree(path: Path) -> set[str]:
