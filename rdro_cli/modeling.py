@@ -370,7 +370,8 @@ def load_model(
             dtype=torch_dtype,
             revision=revision,
             trust_remote_code=trust_remote_code,
-            use_safetensors=not allow_pickle,
+            # True: safetensors or fail; None: prefer safetensors, fall back to pickle files.
+            use_safetensors=None if allow_pickle else True,
         )
     except OSError as exc:
         raise UserError(_load_error_message("model", name, exc)) from exc
