@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -102,10 +103,12 @@ class CompletionLogps(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, attention_mask, completion_mask):
-        return completion_logps(
-            self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size
-        )
+    def forward(self, *batch):
+        """``(input_ids, attention_mask, completion_mask)``, or one list of such triples (length groups),
+        whose results are concatenated in order: one forward call either way, as DDP/FSDP need."""
+        if len(batch) == 1:
+            return torch.cat([completion_logps(self.model, *group, chunk_size=self.chunk_size) for group in batch[0]])
+        return completion_logps(self.model, *batch, chunk_size=self.chunk_size)
 
 
 class _ChunkedHeadLogps(torch.autograd.Function):
@@ -507,6 +510,33 @@ def token_budget_batches(
     if shuffle:
         random.Random(seed).shuffle(batches)
     return batches
+
+
+def length_groups(lengths: Sequence[int], *, max_tokens: int, group_cost: int = 512) -> list[list[int]]:
+    """Row indices split into groups of similar length that minimise padded tokens + ``group_cost`` per group.
+
+    Rows are sorted longest first; an exact dynamic programme over the cut points picks the groups
+    (each costs rows × its longest row in padded tokens, plus ``group_cost`` for the extra forward pass),
+    with at most ``max_tokens`` padded tokens per group unless a single row is longer. The result is the
+    same computation on far fewer padded positions than one batch padded to its longest row.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    longest = [max(int(lengths[i]), 1) for i in order]
+    n = len(order)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(end - 1, -1, -1):  # group = order[start:end]; its longest row is order[start]
+            tokens = (end - start) * longest[start]
+            if tokens > max_tokens and end - start > 1:
+                break  # earlier starts only add rows to the group
+            cost = best[start] + tokens + group_cost
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], n
+    while end > 0:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
 
 
 def collate(

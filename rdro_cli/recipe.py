@@ -115,6 +115,8 @@ class TrainSection:
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
     shuffle: bool = _opt(True, "reshuffle the training rows each epoch from the seed")
     chunk_size: int = _opt(1024, "completion positions per LM-head chunk", check=_positive)
+    max_tokens_per_batch: int = _opt(16384, "padded-token cap of one length group within a micro-batch",
+                                     check=_positive)
     save_every: int = _opt(0, "checkpoint every N optimizer steps (0 = only at the end)", check=_non_negative)
     keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep", check=_positive)
     log_every: int = _opt(1, "write metrics every N steps", check=_positive)

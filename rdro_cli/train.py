@@ -47,7 +47,7 @@ STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 # train.* keys that do not change the trained weights: a run may resume with different values
 NOT_IN_FINGERPRINT = {"save_every", "keep_checkpoints", "log_every", "tensorboard", "gradient_checkpointing",
-                      "chunk_size"}
+                      "chunk_size", "max_tokens_per_batch"}
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -75,10 +75,17 @@ class TrainRows:
         """Row indices of some units; a DPO micro-batch is its chosen rows followed by its rejected rows."""
         return np.concatenate([self.pairs[units, 0], self.pairs[units, 1]]) if self.pairs is not None else units
 
-    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
+    def batch(self, rows: np.ndarray, max_tokens: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+        """Length groups of `rows` (padded little, see modeling.length_groups) and the permutation that
+        puts their concatenated results back in the order of `rows`."""
         ids = self.ids[rows.tolist()]["input_ids"]
-        tensors = modeling.collate(ids, self.completion_start[rows].tolist(), self.pad_id)
-        return tuple(t.to(self.device) for t in tensors)
+        starts = self.completion_start[rows].tolist()
+        groups = modeling.length_groups([len(r) for r in ids], max_tokens=max_tokens)
+        tensors = [modeling.collate([ids[i] for i in g], [starts[i] for i in g], self.pad_id) for g in groups]
+        order = torch.as_tensor([i for g in groups for i in g])
+        restore = torch.empty_like(order)
+        restore[order] = torch.arange(len(order))
+        return restore.to(self.device), [tuple(t.to(self.device) for t in group) for group in tensors]
 
     def mismatched_batch(self, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
         """Prompt of row i with the completion of row kl_partner[i] (KTO), as logprobs built them."""
@@ -252,12 +259,15 @@ def _lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _make_optimizer(cfg: Recipe, model) -> torch.optim.AdamW:
+def _make_optimizer(cfg: Recipe, model, accelerator_kind: str) -> torch.optim.AdamW:
     trainable = [p for p in model.parameters() if p.requires_grad]
     # weight decay on matrices only: decaying norms and biases towards 0 hurts and is not what it is for
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.learning_rate)
+    # fused: one kernel over all parameters instead of a Python loop per tensor (CPU and CUDA); DeepSpeed
+    # and FSDP bring their own handling of the optimizer, so they keep the default implementation.
+    fused = accelerator_kind not in ("DEEPSPEED", "FSDP") and all(p.device.type in ("cpu", "cuda") for p in trainable)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.learning_rate, fused=fused)
 
 
 def _static_loss_kwargs(cfg: Recipe, alpha: float | None, preferred_fraction: float | None) -> dict:
@@ -478,9 +488,8 @@ def _micro_step(session: Session, rows: np.ndarray, loss_scale: float) -> dict:
             kl_logratios = session.policy(*rows_data.mismatched_batch(rows)) - rows_data.ref_kl_logps[index].to(
                 accelerator.device)
         kwargs["kl_ref_point"] = extra["kl_ref_point"] = losses.kto_ref_point(accelerator.gather(kl_logratios))
-    input_ids, attention_mask, completion_mask = rows_data.batch(rows)
-    logratios = session.policy(input_ids, attention_mask, completion_mask) - rows_data.ref_logps[index].to(
-        accelerator.device)
+    restore, groups = rows_data.batch(rows, session.cfg.train.max_tokens_per_batch)
+    logratios = session.policy(groups)[restore] - rows_data.ref_logps[index].to(accelerator.device)
     labels = torch.from_numpy(rows_data.label[rows]).to(accelerator.device)
     gathered = accelerator.gather(torch.stack([logratios.detach(), labels.float()], dim=1))
     if spec.stateful:  # BCO: delta includes this global batch before the loss
@@ -494,7 +503,8 @@ def _micro_step(session: Session, rows: np.ndarray, loss_scale: float) -> dict:
     else:
         output = spec.fn(logratios, labels, **kwargs)
     accelerator.backward(output.losses.sum() * loss_scale)
-    return {"loss_sum": output.losses.detach().sum(), "tokens": attention_mask.sum(), "gathered": gathered,
+    tokens = sum(attention_mask.sum() for _, attention_mask, _ in groups)
+    return {"loss_sum": output.losses.detach().sum(), "tokens": tokens, "gathered": gathered,
             **extra}
 
 
@@ -649,7 +659,7 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     rows.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     wrapper = modeling.CompletionLogps(model, chunk_size=cfg.train.chunk_size)
     wrapper._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP auto-wrap looks at the root
-    optimizer = _make_optimizer(cfg, model)
+    optimizer = _make_optimizer(cfg, model, accelerator.distributed_type.value)
     if accelerator.distributed_type.value == "DEEPSPEED":  # no dataloader to infer it from
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
     policy, optimizer = accelerator.prepare(wrapper, optimizer)

@@ -1,6 +1,7 @@
 """rdro_cli.modeling: the chunked completion log-prob head against HF's full forward, loading, fingerprints,
 batching. Tiny models are built from configs in a tmp dir; nothing touches the Hub."""
 
+import math
 import os
 import time
 
@@ -318,3 +319,40 @@ def test_load_model_dtypes_and_errors(model_dirs, tmp_path):
         modeling.load_tokenizer("no-such-org/no-such-model")
     with pytest.raises(UserError, match="does not exist"):
         modeling.load_tokenizer(tmp_path / "missing" / "dir")
+
+
+def test_length_groups_are_the_cheapest_contiguous_split_of_sorted_rows():
+    import itertools
+    import random
+
+    from rdro_cli.modeling import length_groups
+
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = [rng.randint(1, 1024) for _ in range(rng.randint(1, 9))]
+        max_tokens, cost = rng.choice([1024, 4096, 16384]), rng.choice([0, 64, 512])
+        groups = length_groups(lengths, max_tokens=max_tokens, group_cost=cost)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for g in groups:
+            assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= max_tokens
+
+        def total(split, lengths=lengths, cost=cost):
+            return sum(len(g) * max(lengths[i] for i in g) + cost for g in split)
+
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        best = math.inf
+        for cuts in itertools.product([0, 1], repeat=len(order) - 1):  # every contiguous split
+            split, current = [], [order[0]]
+            for flag, i in zip(cuts, order[1:], strict=True):
+                if flag:
+                    split.append(current)
+                    current = []
+                current.append(i)
+            split.append(current)
+            if all(len(g) == 1 or len(g) * lengths[g[0]] <= max_tokens for g in split):
+                best = min(best, total(split))
+        assert total(groups) == best
+    # a typical mixed batch pads far less than one batch padded to its longest row
+    lengths = [900, 600, 400, 300, 250, 200, 150, 100]
+    groups = length_groups(lengths, max_tokens=16384)
+    assert sum(len(g) * max(lengths[i] for i in g) for g in groups) < 0.7 * len(lengths) * max(lengths)
