@@ -75,6 +75,15 @@ ARCHS = {
     "qwen2.5-3b": dict(model_type="qwen2", hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
                        num_key_value_heads=2, intermediate_size=11008, vocab_size=151936,
                        tie_word_embeddings=True, rope_theta=1000000.0),
+    # Qwen2 shapes (q/k/v bias, tied head, 152k vocab) under the llama model type: with a qwen2 config,
+    # transformers 5 loads the benchmark's word-level tokenizer as a Qwen2Tokenizer and rebuilds its
+    # pre-tokenizer, which breaks the identical-ids check; the computation is the same.
+    "qwen2-0.5b-llama": dict(model_type="llama", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                             num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, attention_bias=True,
+                             tie_word_embeddings=True, rope_theta=1000000.0),
+    "qwen2-1.5b-llama": dict(model_type="llama", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                             num_key_value_heads=2, intermediate_size=8960, vocab_size=151936, attention_bias=True,
+                             tie_word_embeddings=True, rope_theta=1000000.0),
     "llama-7b-ish": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
                          tie_word_embeddings=False),
