@@ -10,6 +10,7 @@ O(chunk_size × vocab) instead of O(N × vocab).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from rdro_cli import artifacts
@@ -275,8 +277,16 @@ def _logit_transform(causal_lm: nn.Module) -> tuple[float, float | None]:
     return scale, (float(softcap) if softcap else None)
 
 
+# Every batch here has a new shape (length-sorted and length-grouped rows). On Hopper, PyTorch's cuDNN
+# attention builds a plan per new shape: measured on an H100 (torch 2.11, 0.5B model, batch 8), training
+# steps took 0.3-2.8 s with it and 0.18-0.36 s without. Flash / memory-efficient attention have no such cost.
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def _last_hidden_state(body: nn.Module, input_ids, attention_mask) -> torch.Tensor:
-    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    scope = sdpa_kernel(_SDPA_BACKENDS) if input_ids.is_cuda else contextlib.nullcontext()
+    with scope:
+        out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
