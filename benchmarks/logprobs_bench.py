@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -46,23 +45,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Config-only architectures (random weights). "llama-cpu" is the CPU default: small enough for 2 cores,
-# with a 32k vocabulary so the LM head and its softmax weigh what they do in real models.
-ARCHS = {
-    "tiny": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, intermediate_size=176, vocab_size=4000, tie_word_embeddings=False),
-    "llama-cpu": dict(model_type="llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=4, intermediate_size=688, vocab_size=32000, tie_word_embeddings=False),
-    "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
-                       tie_word_embeddings=True, rope_theta=1000000.0),
-    "qwen2-1.5b": dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                       num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
-                       tie_word_embeddings=True, rope_theta=1000000.0),
-    "llama-7b-ish": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
-                         tie_word_embeddings=False),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from bench_env import ARCHS, cpu_name, length_mix  # noqa: E402
+
 FLOPS_FORMULA = ("2*N_body*T + 2*hidden*vocab*T_c + 4*layers*heads*head_dim*sum_rows(L^2); N_body = transformer "
                  "layer + final-norm params (no embedding, no head), T = prompt+completion tokens, T_c = completion "
                  "tokens (positions whose log-prob is needed), L = row length; padding never counts")
@@ -81,10 +66,7 @@ def make_rows(n: int, vocab: int, max_length: int, seed: int) -> list[tuple[list
     """
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
-    prompt_len = torch.empty(n, dtype=torch.float64).log_normal_(math.log(120), 0.75, generator=gen)
-    completion_len = torch.empty(n, dtype=torch.float64).log_normal_(math.log(170), 0.6, generator=gen)
-    labels = torch.rand(n, generator=gen) < 0.55
+    gen, prompt_len, completion_len, labels = length_mix(n, seed)
     rows = []
     for i in range(n):
         p = int(min(max(prompt_len[i].item(), 4), max_length // 2))
@@ -232,7 +214,7 @@ def contender_main(args) -> None:
         "cuda_peak_increase_mb": (torch.cuda.max_memory_allocated() - cuda_after_load) / 2**20 if cuda else None,
         "loadavg": [load_before, os.getloadavg()[0]], "threads": torch.get_num_threads(),
         "shape": shape, "torch": torch.__version__,
-        "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
     }
     Path(args.scores_out).write_text(json.dumps(scores.tolist()))
     print(json.dumps(result), flush=True)
@@ -241,16 +223,6 @@ def contender_main(args) -> None:
 def _current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"cpu ({os.cpu_count()} cores)"
 
 
 # ---------------------------------------------------------------------------------------------------------

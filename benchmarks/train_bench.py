@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -60,34 +59,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Config-only architectures (random weights). "llama-cpu" is the issue's CPU model.
-ARCHS = {
-    "tiny": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, intermediate_size=176, vocab_size=4000, tie_word_embeddings=False),
-    "llama-cpu": dict(model_type="llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=4, intermediate_size=688, vocab_size=32000, tie_word_embeddings=False),
-    "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
-                       tie_word_embeddings=True, rope_theta=1000000.0),
-    "qwen2-1.5b": dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                       num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
-                       tie_word_embeddings=True, rope_theta=1000000.0),
-    "qwen2.5-3b": dict(model_type="qwen2", hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
-                       num_key_value_heads=2, intermediate_size=11008, vocab_size=151936,
-                       tie_word_embeddings=True, rope_theta=1000000.0),
-    # Qwen2 shapes (q/k/v bias, tied head, 152k vocab) under the llama model type: with a qwen2 config,
-    # transformers 5 loads the benchmark's word-level tokenizer as a Qwen2Tokenizer and rebuilds its
-    # pre-tokenizer, which breaks the identical-ids check; the computation is the same.
-    "qwen2-0.5b-llama": dict(model_type="llama", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                             num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, attention_bias=True,
-                             tie_word_embeddings=True, rope_theta=1000000.0),
-    "qwen2-1.5b-llama": dict(model_type="llama", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                             num_key_value_heads=2, intermediate_size=8960, vocab_size=151936, attention_bias=True,
-                             tie_word_embeddings=True, rope_theta=1000000.0),
-    "llama-7b-ish": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
-                         tie_word_embeddings=False),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from bench_env import ARCHS, cpu_name, length_mix  # noqa: E402
+
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -112,10 +86,7 @@ def make_rows(n: int, words: int, max_length: int, max_prompt: int, seed: int) -
     """
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
-    prompt_len = torch.empty(n, dtype=torch.float64).log_normal_(math.log(120), 0.75, generator=gen)
-    completion_len = torch.empty(n, dtype=torch.float64).log_normal_(math.log(170), 0.6, generator=gen)
-    labels = torch.rand(n, generator=gen) < 0.55
+    gen, prompt_len, completion_len, labels = length_mix(n, seed)
     rows = []
     for i in range(n):
         p = int(min(max(prompt_len[i].item(), 8), max_prompt))  # templated: words + 5
@@ -225,16 +196,6 @@ def _sync(cuda: bool) -> None:
         import torch
 
         torch.cuda.synchronize()
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"cpu ({os.cpu_count()} cores)"
 
 
 def _result(args, name: str, times: list[float], tokens: list[int], first_loss: float, startup: float,
@@ -770,7 +731,7 @@ def driver_main(args) -> dict:
         from transformers import AutoModelForCausalLM
 
         params = AutoModelForCausalLM.from_config(config).num_parameters()
-    meta = {"device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name(),
+    meta = {"device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
             "params": params, "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0]}
     print_report(args, setup, summary, meta)
     versions = {"torch": torch.__version__}

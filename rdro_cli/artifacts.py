@@ -92,6 +92,20 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def read_jsonl(path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line; a line that is not JSON is a one-line error."""
+    rows = []
+    with Path(path).open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except ValueError as err:
+                raise UserError(f"{path}:{number}: not valid JSON ({err})") from None
+    return rows
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

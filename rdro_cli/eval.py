@@ -204,13 +204,7 @@ def read_exact_match(cfg: Recipe, data: Path | None, logprobs: Path | None) -> t
     if not path.is_file():
         raise UserError(f"{path}: exact_match file not found (eval.exact_match_file)")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as err:
-            raise UserError(f"{path}:{number}: not valid JSON ({err})") from None
+    for number, row in artifacts.read_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
             raise UserError(f'{path}:{number}: expected {{"prompt": "...", "answer": ...}}')
         rows.append({"prompt": row["prompt"], "answer": str(row["answer"])})

@@ -46,17 +46,7 @@ class Example:
 
 
 def _read_jsonl(path: Path) -> list[tuple[dict, str]]:
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise UserError(f"{path}:{number}: not valid JSON ({err})") from None
-            rows.append((row, f"{path}:{number}"))
-    return rows
+    return [(row, f"{path}:{number}") for number, row in artifacts.read_jsonl(path)]
 
 
 def _read_json(path: Path) -> dict[str, list[tuple[dict, str]]]:

@@ -177,8 +177,11 @@ def test_up_to_date_output_is_skipped_and_force_recomputes(cli, tmp_path, tiny_l
     before = (tmp_path / "d" / "manifest.json").read_text()
     code, _, stdout_err = cli(*args)
     assert code == 0 and (tmp_path / "d" / "manifest.json").read_text() == before
+    marker = tmp_path / "d" / "marker"
+    marker.write_text("left by the first run")
+    assert cli(*args)[0] == 0 and marker.exists()  # skipped: the directory was not touched
     assert cli(*args, "--force")[0] == 0
-    assert (tmp_path / "d" / "manifest.json").read_text() != before  # new wall time and timestamp
+    assert not marker.exists() and (tmp_path / "d" / "manifest.json").exists()  # rebuilt and replaced
 
 
 def test_kl_partners_have_a_different_prompt(cli, tmp_path, tiny_llama):
