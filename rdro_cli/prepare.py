@@ -176,12 +176,17 @@ def _parse_text(value, column: str, where: str, role: str | None = None) -> list
                     f"got {type(value).__name__}")
 
 
+def _columns(row: dict) -> str:
+    # repr: a column name may hold anything, newlines included, and the error must stay one line
+    return ", ".join(repr(str(name)) for name in row) or "none"
+
+
 def parse_row(row, where: str, pair_id: int) -> list[Example]:
     """One source row -> one unpaired example, or two for a paired (chosen/rejected) row."""
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected an object with prompt/completion/label, got {type(row).__name__}")
     if "prompt" not in row:
-        raise UserError(f"{where}: missing column 'prompt' (found: {', '.join(map(str, row)) or 'none'})")
+        raise UserError(f"{where}: missing column 'prompt' (found: {_columns(row)})")
     prompt = _parse_text(row["prompt"], "prompt", where)
     if "chosen" in row or "rejected" in row:
         missing = [c for c in ("chosen", "rejected") if c not in row]
@@ -191,7 +196,7 @@ def parse_row(row, where: str, pair_id: int) -> list[Example]:
                 for c in ("chosen", "rejected")]
     missing = [c for c in ("completion", "label") if c not in row]
     if missing:
-        raise UserError(f"{where}: missing column {missing[0]!r} (found: {', '.join(map(str, row))}); "
+        raise UserError(f"{where}: missing column {missing[0]!r} (found: {_columns(row)}); "
                         f"expected prompt/completion/label or prompt/chosen/rejected")
     completion = _parse_text(row["completion"], "completion", where, "assistant")
     return [Example(prompt, completion, _parse_label(row["label"], where), -1, where)]
