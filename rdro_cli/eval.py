@@ -351,15 +351,6 @@ def load_eval_model(name: str, cfg: Recipe):
     return model, tokenizer
 
 
-def _check_tokenizer(tokenizer, expected: str | None, model: str, data: Path) -> None:
-    """The test split's token ids only mean something under the tokenizer `prepare` used."""
-    from rdro_cli.modeling import tokenizer_fingerprint
-
-    if expected and tokenizer_fingerprint(tokenizer) != expected:
-        raise UserError(f"{data} was tokenised with a different tokenizer than {model}'s; re-run "
-                        f"`rdro prepare --model {model}` into another run dir, or evaluate a model of this run")
-
-
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -579,7 +570,10 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
 
     model, tokenizer = load_eval_model(model_name, cfg)
     if "preference" in payloads:
-        _check_tokenizer(tokenizer, payloads["preference"]["tokenizer"], model_name, data or cfg.run_dir / "data")
+        from rdro_cli.modeling import require_tokenizer
+
+        require_tokenizer(tokenizer, payloads["preference"]["tokenizer"], model=model_name,
+                          data=data or cfg.run_dir / "data")
     runners = {"preference": eval_preference, "generate": eval_generate, "exact_match": eval_exact_match,
                "bbh": eval_bbh}
     results = {}

@@ -114,9 +114,7 @@ def run(cfg: Recipe, *, data: Path | None = None, out: Path | None = None, force
         raise UserError("no reference model: pass --model or set model.ref_name / model.name")
     tokenizer = modeling.load_tokenizer(model_name, revision=cfg.model.revision or None,
                                         trust_remote_code=cfg.model.trust_remote_code)
-    if modeling.tokenizer_fingerprint(tokenizer) != data_manifest["inputs"].get("tokenizer"):
-        raise UserError(f"{data} was tokenised with a different tokenizer than {model_name}'s; re-run "
-                        f"`rdro prepare --model {model_name}` (or pass the matching --model)")
+    modeling.require_tokenizer(tokenizer, data_manifest["inputs"].get("tokenizer"), model=model_name, data=data)
     with_kl = cfg.loss.name in LOSSES_NEEDING_KL
     inputs = {"data": data_manifest["fingerprint"],
               "model": modeling.model_fingerprint(model_name, revision=cfg.model.revision or None)}

@@ -349,6 +349,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return artifacts.fingerprint_json({"tokenizer": identity, "special": tokenizer.special_tokens_map})
 
 
+def require_tokenizer(tokenizer, expected: str | None, *, model: str, data: Path | str) -> None:
+    """Token ids in `data` only mean something under the tokenizer `prepare` used (`expected`)."""
+    if expected and tokenizer_fingerprint(tokenizer) != expected:
+        raise UserError(f"{data} was tokenised with a different tokenizer than {model}'s; re-run "
+                        f"`rdro prepare --model {model}` (into another run dir) or pass the matching model")
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,

@@ -653,6 +653,8 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     # set up: policy, optimizer, schedule
     set_seed(cfg.train.seed)
     tokenizer = _load_tokenizer(cfg)
+    modeling.require_tokenizer(tokenizer, data_manifest["inputs"].get("tokenizer"), model=cfg.model.name,
+                               data=data_dir)
     model = _load_policy(cfg, accelerator.device, checkpoint if isinstance(checkpoint, Path) else None)
     _check_vocab(rows, model, data_dir)
     rows.device = accelerator.device
