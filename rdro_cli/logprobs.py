@@ -34,14 +34,19 @@ def _load_rows(data_dir: Path) -> dict:
 
 
 def _shard_sequences(split, rows: range, with_kl: bool, max_length: int) -> list[tuple[list[int], int]]:
-    """(ids, completion_start) for the rows of one shard, then their mismatched pairs when asked."""
-    ids, starts = split["input_ids"], split["completion_start"]
-    sequences = [(ids[i], starts[i]) for i in rows]
+    """(ids, completion_start) for the rows of one shard, then their mismatched pairs when asked.
+
+    Reads only the shard's rows (and their KL partners), not whole columns, so the cost per shard does not
+    grow with the dataset."""
+    shard = split[rows.start:rows.stop]
+    ids, starts = shard["input_ids"], shard["completion_start"]
+    sequences = list(zip(ids, starts, strict=True))
     if with_kl:
-        partners = split["kl_partner"]
-        for i in rows:
-            j = partners[i]
-            sequences.append(modeling.mismatched_ids(ids[i][: starts[i]], ids[j][starts[j]:], max_length))
+        partners = split.select(shard["kl_partner"])
+        partner_ids, partner_starts = partners["input_ids"], partners["completion_start"]
+        for k in range(len(ids)):
+            sequences.append(modeling.mismatched_ids(ids[k][: starts[k]], partner_ids[k][partner_starts[k]:],
+                                                     max_length))
     return sequences
 
 

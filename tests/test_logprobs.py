@@ -46,7 +46,7 @@ def test_ref_logps_equal_plain_computation_every_row(data_dir, tiny_llama, tmp_p
     import datasets
 
     cfg = _cfg(tiny_llama, **{"loss.name": '"kto"', "logprobs.max_tokens_per_batch": 200,
-                              "logprobs.chunk_size": 5})
+                              "logprobs.chunk_size": 5, "logprobs.shard_rows": 5})  # partners across shards
     out = logprobs_stage.run(cfg, data=data_dir, out=tmp_path / "lp")
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     data = datasets.load_from_disk(str(data_dir))
