@@ -35,6 +35,7 @@ import torch
 
 from rdro_cli import artifacts
 from rdro_cli.errors import UserError
+from rdro_cli.metrics import auc
 from rdro_cli.recipe import Recipe
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -46,21 +47,6 @@ BBH_QUESTION = "Q: {input}\nA: Let's think step by step."
 
 # ---------------------------------------------------------------------------------------------------------
 # Scoring (pure functions)
-
-
-def auc(scores, labels) -> float | None:
-    """P(score of a preferred row > score of a non-preferred row), ties counting half (Mann–Whitney U / n⁺n⁻).
-
-    None when either class is empty.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=bool)
-    positive, negative = scores[labels], np.sort(scores[~labels])
-    if len(positive) == 0 or len(negative) == 0:
-        return None
-    below = np.searchsorted(negative, positive, side="left")
-    not_above = np.searchsorted(negative, positive, side="right")
-    return float((below + 0.5 * (not_above - below)).sum() / (len(positive) * len(negative)))
 
 
 def pair_accuracy(logratios, labels, pair_ids) -> tuple[float | None, int]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rdro_cli import metrics
 from rdro_cli.artifacts import read_manifest, write_text_atomic
 from rdro_cli.errors import UserError
 
@@ -249,18 +250,6 @@ def _auc(result: EvalResult | None) -> float | None:
     return None
 
 
-def _rank_auc(logratios, labels) -> float | None:
-    """AUC from the stored log-ratios (Mann-Whitney, ties count half) when eval.json has none."""
-    import numpy as np
-
-    pos, neg = logratios[labels], np.sort(logratios[~labels])
-    if len(pos) == 0 or len(neg) == 0:
-        return None
-    below = np.searchsorted(neg, pos, side="left")
-    ties = np.searchsorted(neg, pos, side="right") - below
-    return float((below.sum() + 0.5 * ties.sum()) / (len(pos) * len(neg)))
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "" if value is None else str(value)
@@ -362,7 +351,7 @@ def plot_histograms(mpl, runs: list[RunData], path: Path) -> bool:
         logratios = tensors["logratios"].astype(np.float64).reshape(-1)
         labels = tensors["labels"].reshape(-1) != 0
         auc = _auc(run.evaluation)
-        panels.append((run, logratios, labels, auc if auc is not None else _rank_auc(logratios, labels)))
+        panels.append((run, logratios, labels, auc if auc is not None else metrics.auc(logratios, labels)))
     if not panels:
         return False
     figure_cls, canvas_cls = mpl

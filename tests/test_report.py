@@ -10,7 +10,7 @@ import pytest
 from conftest import FIXTURES, systematic_rows, write_jsonl
 from safetensors.numpy import save_file
 
-from rdro_cli import report
+from rdro_cli import metrics, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CURVES = ["loss", "learning_rate", "grad_norm", "logratio", "logratio_max", "tokens_per_s"]
@@ -204,7 +204,7 @@ def test_resumed_steps_keep_the_newest_row_and_stale_plots_go(tmp_path):
 
 def test_ema_is_debiased_and_accuracies_follow_eval_json():
     labels = np.array([True, True, False, False])
-    assert report._rank_auc(np.array([1.0, 2.0, 0.0, 2.0]), labels) == 0.625  # ties count half
+    assert metrics.auc(np.array([1.0, 2.0, 0.0, 2.0]), labels) == 0.625  # ties count half
     assert report.ema([2.0] * 5, 0.9) == pytest.approx([2.0] * 5)
     smoothed = report.ema([0.0, 10.0], 0.5)
     assert smoothed == pytest.approx([0.0, 10 * 0.5 / 0.75])
