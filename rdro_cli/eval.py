@@ -36,10 +36,9 @@ import torch
 from rdro_cli import artifacts
 from rdro_cli.errors import UserError
 from rdro_cli.metrics import auc
+from rdro_cli.modeling import ADAPTER_CONFIG, TOKENIZER_FILES
 from rdro_cli.recipe import Recipe
 
-ADAPTER_CONFIG = "adapter_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 ANSWER_PHRASE = re.compile(r"the answer is\s*:?\s*(.*)", re.IGNORECASE | re.DOTALL)
 OPTION = re.compile(r"\(([A-Za-z])\)|([A-Za-z])$")
 BBH_QUESTION = "Q: {input}\nA: Let's think step by step."

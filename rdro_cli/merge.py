@@ -16,16 +16,15 @@ from pathlib import Path
 
 from rdro_cli import artifacts
 from rdro_cli.errors import UserError
+from rdro_cli.modeling import ADAPTER_CONFIG, TOKENIZER_FILES
 from rdro_cli.recipe import Recipe
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 MAX_SHARD_SIZE = "5GB"
 # Config fields that must agree between the given base and the base the adapter was trained on.
 ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
                        "num_attention_heads", "num_key_value_heads")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 PROVENANCE_FILES = ("recipe.toml",)
 
 
