@@ -328,9 +328,12 @@ def load_eval_model(name: str, cfg: Recipe):
     if is_adapter:
         from peft import PeftModel
 
+        from rdro_cli.peft_compat import building_peft_model
+
         base = _adapter_base(local, cfg)
-        model = PeftModel.from_pretrained(load_model(base, revision=cfg.model.revision or None, **options),
-                                          str(local)).eval()
+        with building_peft_model():
+            model = PeftModel.from_pretrained(load_model(base, revision=cfg.model.revision or None, **options),
+                                              str(local)).eval()
     else:
         model = load_model(name, revision=revision, **options)
     return model, tokenizer

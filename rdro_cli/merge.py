@@ -17,6 +17,7 @@ from pathlib import Path
 from rdro_cli import artifacts
 from rdro_cli.errors import UserError
 from rdro_cli.modeling import ADAPTER_CONFIG, TOKENIZER_FILES
+from rdro_cli.peft_compat import building_peft_model
 from rdro_cli.recipe import Recipe
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -185,7 +186,8 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
         model = modeling.load_model(base, dtype=dtype, device="cpu", revision=cfg.model.revision or None,
                                     trust_remote_code=cfg.model.trust_remote_code,
                                     allow_pickle=cfg.model.allow_pickle)
-        peft_model = PeftModel.from_pretrained(model, str(adapter))
+        with building_peft_model():
+            peft_model = PeftModel.from_pretrained(model, str(adapter))
         merged_modules = sum(1 for name, _ in peft_model.named_modules() if name.endswith(".lora_A"))
         merged = peft_model.merge_and_unload()
         n_params = sum(p.numel() for p in merged.parameters())

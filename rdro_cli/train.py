@@ -40,6 +40,7 @@ import torch
 
 from rdro_cli import artifacts, losses, modeling
 from rdro_cli.errors import UserError
+from rdro_cli.peft_compat import building_peft_model
 from rdro_cli.recipe import Recipe
 
 CHECKPOINT = re.compile(r"^step-(\d{7})$")
@@ -237,11 +238,13 @@ def _add_lora(cfg: Recipe, model, checkpoint: Path | None):
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad into the layers
     if checkpoint is not None:
-        return PeftModel.from_pretrained(model, str(checkpoint / "model"), is_trainable=True)
+        with building_peft_model():
+            return PeftModel.from_pretrained(model, str(checkpoint / "model"), is_trainable=True)
     config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                         target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, config)
+        with building_peft_model():
+            return get_peft_model(model, config)
     except ValueError as err:
         raise UserError(f"lora.target_modules {cfg.lora.target_modules} do not fit {cfg.model.name}: "
                         f"{' '.join(str(err).split())[:200]}") from None
