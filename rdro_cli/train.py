@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rdro_cli import artifacts, losses, modeling
+from rdro_cli import artifacts, losses, modeling, tracking
 from rdro_cli.errors import UserError
 from rdro_cli.peft_compat import building_peft_model
 from rdro_cli.recipe import Recipe
@@ -47,7 +47,7 @@ CHECKPOINT = re.compile(r"^step-(\d{7})$")
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 # train.* keys that do not change the trained weights: a run may resume with different values
-NOT_IN_FINGERPRINT = {"save_every", "keep_checkpoints", "log_every", "tensorboard", "gradient_checkpointing",
+NOT_IN_FINGERPRINT = {"save_every", "keep_checkpoints", "log_every", "report_to", "gradient_checkpointing",
                       "chunk_size", "max_tokens_per_batch"}
 
 
@@ -200,13 +200,13 @@ def _fingerprint(cfg: Recipe, inputs: dict, processes: int) -> str:
                                        "lora": lora, "processes": processes})
 
 
-def _make_accelerator(cfg: Recipe):
+def _make_accelerator(cfg: Recipe, out: Path):
     from accelerate import Accelerator
 
     # cpu=True without a GPU lets torchrun-launched processes (`accelerate launch --multi_gpu`, or
     # recipes/accelerate/ddp-cpu-2.yaml) train on CPU with gloo.
     return Accelerator(gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-                       cpu=not torch.cuda.is_available())
+                       cpu=not torch.cuda.is_available(), **tracking.accelerator_kwargs(cfg, out))
 
 
 def _load_policy(cfg: Recipe, device: torch.device, checkpoint: Path | None):
@@ -557,7 +557,7 @@ def _optimizer_step(session: Session, units: np.ndarray) -> dict:
             **{name: value.item() for name, value in stats.items()}}
 
 
-def _train_loop(session: Session, progress, task, tensorboard) -> None:
+def _train_loop(session: Session, progress, task) -> None:
     accelerator, cfg, state = session.accelerator, session.cfg, session.state
     metrics_path = session.out / METRICS_FILE
     with _stop_requests() as stop:
@@ -575,10 +575,7 @@ def _train_loop(session: Session, progress, task, tensorboard) -> None:
             if accelerator.is_main_process and (state.step % cfg.train.log_every == 0
                                                 or state.step == session.total_steps):
                 _append_metrics(metrics_path, row)
-                if tensorboard is not None:
-                    for name, value in row.items():
-                        if name != "step" and value is not None:
-                            tensorboard.add_scalar(f"train/{name}", value, state.step)
+                tracking.log(accelerator, row)
             progress.update(task, advance=1, loss=f"loss {record['loss']:.4f}",
                             speed=f"{tokens_per_s:,.0f} tok/s")
             stopping = stop["stop"]
@@ -590,17 +587,6 @@ def _train_loop(session: Session, progress, task, tensorboard) -> None:
                 _save_checkpoint(session)
             if stopping:
                 raise KeyboardInterrupt
-
-
-def _open_tensorboard(cfg: Recipe, out: Path, is_main: bool):
-    if not cfg.train.tensorboard or not is_main:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("train.tensorboard = true needs the tensorboard package: pip install tensorboard "
-                        "(or set train.tensorboard = false)") from None
-    return SummaryWriter(log_dir=str(out / "tb"))
 
 
 def _load_tokenizer(cfg: Recipe):
@@ -634,7 +620,7 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
 
     # validate inputs
     data_manifest, logprobs_manifest = _read_inputs(cfg, data_dir, logprobs_dir, spec)
-    accelerator = _make_accelerator(cfg)
+    accelerator = _make_accelerator(cfg, out)
     inputs = {"data": data_manifest["fingerprint"], "logprobs": logprobs_manifest["fingerprint"],
               "model": modeling.model_fingerprint(cfg.model.name, revision=cfg.model.revision or None)}
     fingerprint = _fingerprint(cfg, inputs, accelerator.num_processes)
@@ -651,7 +637,6 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     steps_per_epoch, total_steps = _schedule(
         cfg, rows.units(), units_per_micro * accelerator.num_processes * cfg.train.gradient_accumulation_steps,
         data_dir)
-    tensorboard = _open_tensorboard(cfg, out, accelerator.is_main_process)
 
     # set up: policy, optimizer, schedule
     set_seed(cfg.train.seed)
@@ -688,14 +673,14 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     # loop
     progress = task_progress("loss", "speed")
     progress.disable = not accelerator.is_main_process
+    tracking.start(accelerator, cfg)
     try:
         with progress:
             task = progress.add_task(f"train {cfg.loss.name}", total=total_steps, completed=session.state.step,
                                      loss="", speed="")
-            _train_loop(session, progress, task, tensorboard)
+            _train_loop(session, progress, task)
     finally:
-        if tensorboard is not None:
-            tensorboard.close()
+        tracking.finish(accelerator)
 
     # save
     final = _save_final(session, tokenizer)
