@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from rdro_cli import artifacts
+from rdro_cli import artifacts, model_card
 from rdro_cli.errors import UserError
 from rdro_cli.modeling import ADAPTER_CONFIG, TOKENIZER_FILES
 from rdro_cli.peft_compat import building_peft_model
@@ -200,6 +200,11 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
             for name in PROVENANCE_FILES:
                 if (adapter / name).is_file():
                     shutil.copy2(adapter / name, tmp / name)
+            # the merged model computes what the adapter does: an eval of the adapter is its eval too
+            run_dirs = dict.fromkeys([cfg.run_dir, adapter.parent.parent, out.parent])
+            model_card.write(tmp, model_card.merged_metadata(adapter, base), name=out.resolve().parent.name,
+                             eval_tasks=model_card.eval_results_for(inputs["adapter"],
+                                                                    [d / "eval" for d in run_dirs]))
             artifacts.write_manifest(
                 tmp, stage="merge", fingerprint=fingerprint, inputs=inputs, config=cfg.to_dict(),
                 counts={"lora_modules": merged_modules, "parameters": n_params}, started=started,

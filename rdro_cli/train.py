@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rdro_cli import artifacts, losses, modeling, tracking
+from rdro_cli import artifacts, losses, model_card, modeling, tracking
 from rdro_cli.errors import UserError
 from rdro_cli.peft_compat import building_peft_model
 from rdro_cli.recipe import Recipe
@@ -431,7 +431,7 @@ def _append_metrics(path: Path, row: dict) -> None:
         handle.write(json.dumps(row) + "\n")
 
 
-def _save_final(session: Session, tokenizer) -> Path:
+def _save_final(session: Session, tokenizer, dataset: str) -> Path:
     final = session.out / "final"
     if not session.accelerator.is_main_process:
         _save_model(session, final)  # only takes part in gathering the weights
@@ -441,6 +441,11 @@ def _save_final(session: Session, tokenizer) -> Path:
             _save_model(session, tmp)
             tokenizer.save_pretrained(str(tmp))
             (tmp / "recipe.toml").write_text(session.cfg.to_toml(), encoding="utf-8")
+            # after the weights: replaces the empty template peft writes next to an adapter
+            metadata = model_card.training_metadata(
+                session.cfg, adapter=session.cfg.lora.enabled, steps=session.state.step, dataset=dataset,
+                alpha=session.loss_kwargs.get("alpha"), processes=session.accelerator.num_processes)
+            model_card.write(tmp, metadata, name=session.out.resolve().parent.name)
     session.accelerator.wait_for_everyone()
     return final
 
@@ -683,7 +688,7 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
         tracking.finish(accelerator)
 
     # save
-    final = _save_final(session, tokenizer)
+    final = _save_final(session, tokenizer, data_manifest.get("dataset") or cfg.data.dataset)
     if accelerator.is_main_process:
         counts = {"steps": session.state.step, "steps_per_epoch": steps_per_epoch, "train_units": rows.units(),
                   "processes": accelerator.num_processes,
