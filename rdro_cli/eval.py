@@ -2,7 +2,7 @@
 
 Tasks (``eval.tasks``), each one small function below, all results in ``eval.json``:
 
-- ``preference``: on the held-out split, the log-ratio ``r = s_pol − s_ref`` (DESIGN.md §1) with ``s_pol``
+- ``preference``: on the held-out split, the log-ratio ``r = s_pol − s_ref`` (docs/design.md §1) with ``s_pol``
   from the same chunked head as training and ``s_ref`` precomputed by ``logprobs``. Reports the mean ``r``
   per class, the AUC of ``r`` separating preferred from non-preferred rows (Mann–Whitney, ties count half)
   and, for paired data, the fraction of pairs whose chosen row has the larger ``r`` (ties half); the same

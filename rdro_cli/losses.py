@@ -1,4 +1,4 @@
-"""Loss functions for learning from binary feedback (DESIGN.md section 1).
+"""Loss functions for learning from binary feedback (docs/losses.md).
 
 Every loss is a pure function of log-ratios ``r = s_pol - s_ref`` (summed completion-token
 log-probs under the policy minus the same under the frozen reference) and boolean labels
@@ -86,7 +86,7 @@ def rdro_loss(
     weighting: str = "batch",
     preferred_fraction: float | None = None,
 ) -> LossOutput:
-    """Relative density ratio optimisation (DESIGN.md 1, RDRO).
+    """Relative density ratio optimisation (docs/losses.md, RDRO).
 
     Fits ``exp(r)`` to ``R_alpha = p+ / (alpha p+ + (1 - alpha) p-)`` through the population loss
     ``E_{p+}[softplus(-r)] + E_{mix_alpha}[softplus(r)]``, per example::
@@ -127,7 +127,7 @@ def rdro_loss(
 
 
 def ddro_loss(logratios: torch.Tensor, labels: torch.Tensor) -> LossOutput:
-    """Unbounded density ratio baseline (DESIGN.md 1, DDRO), the ``alpha -> 0`` limit of RDRO::
+    """Unbounded density ratio baseline (docs/losses.md, DDRO), the ``alpha -> 0`` limit of RDRO::
 
         l+(r) = softplus(-r),   l-(r) = softplus(r),   optimum exp(r*) = p+ / p-
 
@@ -140,7 +140,7 @@ def ddro_loss(logratios: torch.Tensor, labels: torch.Tensor) -> LossOutput:
 
 
 def kto_ref_point(kl_logratios: torch.Tensor) -> torch.Tensor:
-    """KTO's reference point ``z0 = max(0, mean(kl_logratios))``, detached (DESIGN.md 1, KTO).
+    """KTO's reference point ``z0 = max(0, mean(kl_logratios))``, detached (docs/losses.md, KTO).
 
     ``kl_logratios`` are the log-ratios of mismatched prompt/completion pairs over the *global*
     batch: under data parallelism, gather them across ranks before calling this.
@@ -157,7 +157,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> LossOutput:
-    """Kahneman-Tversky optimisation as in TRL's KTOTrainer (DESIGN.md 1, KTO)::
+    """Kahneman-Tversky optimisation as in TRL's KTOTrainer (docs/losses.md, KTO)::
 
         l+(r) = lambda_D * (1 - sigmoid(beta * (r - z0)))
         l-(r) = lambda_U * (1 - sigmoid(beta * (z0 - r)))
@@ -176,7 +176,7 @@ def kto_loss(
 
 
 def bco_update_delta(delta: float, count: int, u_batch: torch.Tensor) -> tuple[float, int]:
-    """Advance BCO's delta, the running mean of every ``u = beta * r`` seen so far (DESIGN.md 1, BCO).
+    """Advance BCO's delta, the running mean of every ``u = beta * r`` seen so far (docs/losses.md, BCO).
 
     Call it with the current global batch's ``u`` *before* :func:`bco_loss`. The mean is exact (not
     exponential); ``(delta, count)`` is the state to keep in checkpoints, starting from ``(0.0, 0)``.
@@ -197,7 +197,7 @@ def bco_loss(
     delta: torch.Tensor | float,
     beta: float = 0.1,
 ) -> LossOutput:
-    """Binary classifier optimisation, Jung et al. 2024, as in TRL (DESIGN.md 1, BCO)::
+    """Binary classifier optimisation, Jung et al. 2024, as in TRL (docs/losses.md, BCO)::
 
         u = beta * r,   l+(r) = softplus(-(u - delta)),   l-(r) = softplus(u - delta)
 
@@ -215,7 +215,7 @@ def bco_loss(
 def dpo_loss(
     chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *, beta: float = 0.1
 ) -> LossOutput:
-    """Direct preference optimisation on pairs (DESIGN.md 1, DPO)::
+    """Direct preference optimisation on pairs (docs/losses.md, DPO)::
 
         l = softplus(-beta * (r_w - r_l)) = -log sigmoid(beta * (r_w - r_l))
     """
