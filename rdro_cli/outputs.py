@@ -25,6 +25,8 @@ from rdro_cli.errors import UserError
 STAGE_FILE = ".rdro-stage"
 # what a train directory of rdro 0.1 (before STAGE_FILE) can hold
 _LEGACY_TRAIN_ENTRIES = {"metrics.jsonl", "checkpoints", "final", "tb", artifacts.MANIFEST}
+# where each stage writes inside a run directory by default
+DEFAULT_DIRS = {"prepare": "data", "logprobs": "logprobs", "train": "train", "merge": "merged", "eval": "eval"}
 _MODEL_FILES = ("config.json", "adapter_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
@@ -103,6 +105,10 @@ def _refusal(out: Path, stage: str, inputs: Iterable[Path]) -> str | None:
     if kind == "model":
         return f"{out}: holds a model, not an rdro {stage} output; choose another --out (rdro never replaces it)"
     if kind == "foreign":
+        held = sorted(p.name for p in raw.iterdir() if p.is_dir() and artifacts.read_manifest(p) is not None)
+        if held:
+            return (f"{out}: is a run directory holding rdro artifacts ({', '.join(held)}); name the {stage} "
+                    f"artifact's own directory, e.g. --out {raw / DEFAULT_DIRS.get(stage, stage)}")
         names = ", ".join(sorted(p.name for p in raw.iterdir())[:3])
         return (f"{out}: holds files rdro did not write ({names}{', ...' if len(list(raw.iterdir())) > 3 else ''}); "
                 f"choose another --out (rdro never deletes them)")
