@@ -39,7 +39,7 @@ class PlainTask:
     total: float | None
     completed: float
     fields: dict
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=lambda: time.monotonic())
     first: float = 0.0  # `completed` when the task was added (a resumed run starts past 0)
     printed: float = 0.0  # when the last line was printed
     finished: bool = False
