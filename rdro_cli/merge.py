@@ -183,7 +183,9 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
 
     from peft import PeftModel
 
-    with _console().status(f"merging {adapter} into {base} ({dtype})"):
+    from rdro_cli.progress import status
+
+    with status(f"merge: folding {adapter} into {base} ({dtype})"):
         model = modeling.load_model(base, dtype=dtype, device="cpu", revision=cfg.model.revision or None,
                                     trust_remote_code=cfg.model.trust_remote_code,
                                     allow_pickle=cfg.model.allow_pickle)

@@ -25,6 +25,9 @@ from rdro_cli.errors import UserError
 STAGE_FILE = ".rdro-stage"
 # what a train directory of rdro 0.1 (before STAGE_FILE) can hold
 _LEGACY_TRAIN_ENTRIES = {"metrics.jsonl", "checkpoints", "final", "tb", artifacts.MANIFEST}
+# where each stage writes inside a run directory by default
+DEFAULT_DIRS = {"prepare": "data", "logprobs": "logprobs", "train": "train", "merge": "merged", "eval": "eval",
+                "report": "report"}
 _MODEL_FILES = ("config.json", "adapter_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
@@ -57,6 +60,8 @@ def holder(path: Path) -> tuple[str, str | None]:
             return "artifact", stage
     if entries <= _LEGACY_TRAIN_ENTRIES and entries & {"metrics.jsonl", "checkpoints"}:
         return "artifact", "train"
+    if "report.md" in entries and all(n == "report.md" or n.endswith(".png") for n in entries):
+        return "artifact", "report"  # a report of rdro 0.1 (before STAGE_FILE)
     if entries & set(_MODEL_FILES):
         return "model", None
     return "foreign", None
@@ -103,6 +108,10 @@ def _refusal(out: Path, stage: str, inputs: Iterable[Path]) -> str | None:
     if kind == "model":
         return f"{out}: holds a model, not an rdro {stage} output; choose another --out (rdro never replaces it)"
     if kind == "foreign":
+        held = sorted(p.name for p in raw.iterdir() if p.is_dir() and artifacts.read_manifest(p) is not None)
+        if held:
+            return (f"{out}: is a run directory holding rdro artifacts ({', '.join(held)}); name the {stage} "
+                    f"artifact's own directory, e.g. --out {raw / DEFAULT_DIRS.get(stage, stage)}")
         names = ", ".join(sorted(p.name for p in raw.iterdir())[:3])
         return (f"{out}: holds files rdro did not write ({names}{', ...' if len(list(raw.iterdir())) > 3 else ''}); "
                 f"choose another --out (rdro never deletes them)")
