@@ -314,11 +314,19 @@ def test_empty_class_stats_are_nan():
 
 
 def test_registry():
-    assert set(LOSSES) == {"rdro", "ddro", "kto", "bco", "dpo"}
+    assert set(LOSSES) == {"rdro", "ddro", "kto", "bco", "dpo", "pro", "kldo", "bpo", "pmle"}
     assert LOSSES["rdro"].fn is rdro_loss and LOSSES["dpo"].fn is dpo_loss
-    assert [name for name, spec in LOSSES.items() if spec.needs_pairs] == ["dpo"]
+    assert [name for name, spec in LOSSES.items() if spec.needs_pairs] == ["dpo", "bpo", "pmle"]
     assert [name for name, spec in LOSSES.items() if spec.needs_kl] == ["kto"]
-    assert [name for name, spec in LOSSES.items() if spec.stateful] == ["bco"]
+    assert [name for name, spec in LOSSES.items() if spec.stateful] == ["bco", "kldo"]
+    assert {name: spec.state for name, spec in LOSSES.items() if spec.state} == {"bco": "bco_delta",
+                                                                                 "kldo": "kldo_ema"}
+    assert [name for name, spec in LOSSES.items() if not spec.needs_ref] == ["pmle"]
+    assert [name for name, spec in LOSSES.items() if spec.batch_level] == ["kto", "bco", "kldo"]
+    # every loss name a recipe accepts is registered, and the other way round
+    from rdro_cli.recipe import LOSS_NAMES
+
+    assert set(LOSS_NAMES) == set(LOSSES)
 
 
 def test_float32_inputs_keep_their_dtype():
