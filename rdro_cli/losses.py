@@ -39,6 +39,13 @@ def _logratio_stats(logratios: torch.Tensor, labels: torch.Tensor) -> dict[str, 
     }
 
 
+def _class_weights(labels: torch.Tensor, preferred_fraction: float, like: torch.Tensor) -> torch.Tensor:
+    """1 / (2 pi) on preferred rows, 1 / (2 (1 - pi)) on the others, in ``like``'s dtype (not float32)."""
+    pos = torch.tensor(0.5 / preferred_fraction, dtype=like.dtype, device=like.device)
+    neg = torch.tensor(0.5 / (1.0 - preferred_fraction), dtype=like.dtype, device=like.device)
+    return torch.where(labels, pos, neg)
+
+
 def _check_inputs(logratios: torch.Tensor, labels: torch.Tensor) -> None:
     if labels.dtype != torch.bool:
         raise TypeError(f"labels must be a bool tensor (True = preferred), got {labels.dtype}")
@@ -95,9 +102,7 @@ def rdro_loss(
                 "weighting='balanced' needs preferred_fraction strictly between 0 and 1, "
                 f"got {preferred_fraction}"
             )
-        losses = losses * torch.where(
-            labels, 0.5 / preferred_fraction, 0.5 / (1.0 - preferred_fraction)
-        ).to(losses.dtype)
+        losses = losses * _class_weights(labels, preferred_fraction, losses)
     elif weighting != "batch":
         raise ValueError(f"weighting must be 'batch' or 'balanced', got {weighting!r}")
 
@@ -237,9 +242,7 @@ def pro_loss(
                 "weighting='balanced' needs preferred_fraction strictly between 0 and 1, "
                 f"got {preferred_fraction}"
             )
-        losses = losses * torch.where(
-            labels, 0.5 / preferred_fraction, 0.5 / (1.0 - preferred_fraction)
-        ).to(losses.dtype)
+        losses = losses * _class_weights(labels, preferred_fraction, losses)
     elif weighting != "batch":
         raise ValueError(f"weighting must be 'batch' or 'balanced', got {weighting!r}")
     return LossOutput(losses, _logratio_stats(logratios, labels))
