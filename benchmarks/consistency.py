@@ -259,6 +259,8 @@ def fit(task: Task, data: Data, method: str, iters: int, lr: float) -> dict[str,
     final_logp = torch.log_softmax(logits.detach(), -1)
     return {
         "tv": 0.5 * (final_logp.exp() - task.p_plus).abs().sum(-1).mean().item(),
+        # where p- = 0 (h = 1): the set an unbounded ratio drives all mass to
+        "mass_p_minus_zero": (final_logp.exp() * (task.h == 1.0)).sum(-1).mean().item(),
         "max_logratio": max_logratio,
         "final_max_logratio": (final_logp - task.ref_logp)[prompt, completion].max().item(),
         "max_grad_norm": max_grad_norm,
@@ -310,11 +312,13 @@ def pro_population_optimum(task: Task, *, beta: float = BETA, alpha: float = PRO
     return pi / pi.sum(-1, keepdim=True)
 
 
-def predicted_tv(task: Task, method: str) -> tuple[str, float] | None:
-    """What the derivation (docs/losses.md, "population optimum") says TV(policy, p+) tends to as n -> inf.
+def predicted_tv(task: Task, method: str) -> tuple[str, float, float] | None:
+    """What the derivation (docs/losses.md, "population optimum") says TV(policy, p+) tends to as n -> inf,
+    and the policy's mass on {h = 1} (where p- = 0) there.
 
-    Returns ("=", tv) for a predicted limit, (">=", tv) for a lower bound, None where the study makes no
-    prediction. M below is p+'s mass on {h = 1}, where p- = 0.
+    Returns ("=", tv, mass) for a finite optimum, (">=", tv, 1.0) for an optimum at infinity (a lower bound
+    on TV that optimisation only approaches; the mass on {h = 1} grows towards 1), None where the study
+    makes no prediction. M below is p+'s mass on {h = 1}.
 
     - rdro-balanced, sft+: p+ exactly ("=", 0).
     - dpo and every bpo instance: sigmoid(beta (r_a - r_b)) = P(a > b) = p+(a)p-(b) / (p+(a)p-(b) + p+(b)p-(a)),
@@ -323,28 +327,38 @@ def predicted_tv(task: Task, method: str) -> tuple[str, float] | None:
     - pmle (reference-free): pi ∝ (p+/p-)^(1/gamma): the same support, TV >= 1 - M.
     - pro: the root of its stationarity condition (pro_population_optimum), "=".
     """
+    p_plus_mass = (task.p_plus * (task.h == 1.0)).sum(-1).mean().item()
     if method in ("rdro-balanced", "sft+"):
-        return "=", 0.0
+        return "=", 0.0, p_plus_mass
     if method in ("kldo", "pmle", *PAIR_METHODS):
-        outside = 1.0 - (task.p_plus * (task.h == 1.0)).sum(-1).mean().item()
-        return ">=", outside
+        return ">=", 1.0 - p_plus_mass, 1.0
     if method == "pro":
         pi = pro_population_optimum(task)
-        return "=", 0.5 * (pi - task.p_plus).abs().sum(-1).mean().item()
+        return "=", 0.5 * (pi - task.p_plus).abs().sum(-1).mean().item(), (pi * (task.h == 1.0)).sum(-1).mean().item()
     return None
 
 
 def check_predictions(study: dict, tolerance: float = 0.05) -> dict[str, dict]:
-    """Measured n = inf TV against each prediction; ``contradicts`` when the fit lands outside it."""
+    """The n = inf fit against each derivation; ``contradicts`` when it lands outside it.
+
+    A finite optimum ("="): |TV - derived| <= tolerance. An optimum at infinity (">="): a finite run cannot
+    reach it, so the check is its direction: the fit must have moved mass onto {h = 1} beyond p+'s own
+    share there (by more than tolerance), i.e. away from p+ towards the derived limit.
+    """
+    p_plus_mass = study["task"]["p_plus_mass_where_p_minus_is_0"]
     checks = {}
     for method, per_column in study["results"].items():
         prediction = study["predictions"].get(method)
         if prediction is None or "inf" not in per_column:
             continue
-        kind, value = prediction
-        measured = per_column["inf"]["tv"][0]
-        bad = abs(measured - value) > tolerance if kind == "=" else measured < value - tolerance
-        checks[method] = {"kind": kind, "predicted": value, "measured_inf": measured, "contradicts": bad}
+        kind, value, mass = prediction
+        measured, measured_mass = per_column["inf"]["tv"][0], per_column["inf"]["mass_p_minus_zero"][0]
+        if kind == "=":
+            bad = abs(measured - value) > tolerance
+        else:
+            bad = measured_mass < p_plus_mass + tolerance
+        checks[method] = {"kind": kind, "predicted": value, "measured_inf": measured, "predicted_mass": mass,
+                          "measured_mass_inf": measured_mass, "contradicts": bad}
     return checks
 
 
@@ -416,18 +430,24 @@ def format_predictions(study: dict) -> str:
     """The derivation's n -> inf TV next to the measured TV at each n; flags a contradicted derivation."""
     columns = study["settings"]["columns"]
     checks = check_predictions(study) if "inf" in columns else {}
-    lines = ["derived population optimum (TV to p+ as n -> inf) next to the measured TV",
-             f"{'method':<14}{'derived':>12}" + "".join(f"{'n=' + c:>12}" for c in columns) + "  check"]
+    lines = ["derived population optimum next to the measured fits: TV to p+, and the policy's mass on {h = 1} "
+             f"(p- = 0; p+ puts {study['task']['p_plus_mass_where_p_minus_is_0']:.4f} there)",
+             f"{'method':<14}{'derived TV':>11}" + "".join(f"{'n=' + c:>10}" for c in columns)
+             + f"{'mass':>8}" + "".join(f"{'n=' + c:>10}" for c in columns) + "  check"]
     lines.append("-" * len(lines[-1]))
     for method, per_column in study["results"].items():
         prediction = study["predictions"].get(method)
         if prediction is None:
             continue
-        kind, value = prediction
-        measured = "".join(f"{statistics.mean(per_column[c]['tv']):>12.4f}" for c in columns)
+        kind, value, mass = prediction
+        tvs = "".join(f"{statistics.mean(per_column[c]['tv']):>10.4f}" for c in columns)
+        masses = "".join(f"{statistics.mean(per_column[c]['mass_p_minus_zero']):>10.4f}" for c in columns)
         check = checks.get(method)
         verdict = "" if check is None else ("CONTRADICTS the derivation" if check["contradicts"] else "ok")
-        lines.append(f"{method:<14}{kind + format(value, '.4f'):>12}{measured}  {verdict}")
+        lines.append(f"{method:<14}{kind + format(value, '.4f'):>11}{tvs}{'->' + format(mass, '.2f'):>8}{masses}"
+                     f"  {verdict}")
+    lines.append("('>=': optimum at infinity; TV reaches the bound only with unlimited optimisation, so the "
+                 "check is that mass moves onto {h = 1}, i.e. away from p+)")
     return "\n".join(lines)
 
 
