@@ -24,7 +24,11 @@ once on the population itself (column n=inf: every row weighted by its probabili
 where it heads with unlimited data. A reference row fits maximum likelihood on the preferred rows
 alone ("sft+"), the plain consistent estimator of p+ that ignores pi_ref and the rejected rows.
 
-    .venv/bin/python benchmarks/consistency.py            # full study, about 3.5 CPU-minutes, one core
+Issue 14 adds PRO, KLDO, the BPO family and preference MLE (pair losses on the DPO pairs), each with the
+population optimum derived on paper (``predicted_tv``; docs/losses.md) printed next to its measured TV.
+The pair losses' population fits (213,744 weighted pairs) dominate the cost.
+
+    .venv/bin/python benchmarks/consistency.py            # full study (15 methods): long, see docs/losses.md
     .venv/bin/python benchmarks/consistency.py --quick    # a smoke run
 """
 
