@@ -1,7 +1,8 @@
 """train: the policy learns from binary feedback against precomputed reference log-probs.
 
 Reads `<run>/data` (prepare) and `<run>/logprobs` (reference log-probs, one float per row), loads the
-policy only, and minimises one of DESIGN.md §1's losses over the training split:
+policy only, and minimises one of the losses of docs/losses.md over the training split (a reference-free
+loss, `pmle`, reads no logprobs artifact):
 
     config -> validate inputs -> set up (policy, optimizer, schedule, output dir) -> loop -> save
 

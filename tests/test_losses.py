@@ -1,4 +1,4 @@
-"""Loss functions against hand-worked numbers, independent formulas and the math of DESIGN.md 1."""
+"""Loss functions against hand-worked numbers, independent formulas and the math of docs/losses.md."""
 
 import math
 from pathlib import Path
