@@ -329,14 +329,17 @@ def predicted_tv(task: Task, method: str) -> tuple[str, float, float] | None:
       so pi ∝ pi_ref (p+/p-)^(1/beta), unbounded where p- = 0: all mass moves to {h = 1} and TV >= 1 - M.
     - kldo: the Donsker-Varadhan bound is maximal at beta r = log(p+/p-) + const: the same pi, TV >= 1 - M.
     - pmle (reference-free): pi ∝ (p+/p-)^(1/gamma): the same support, TV >= 1 - M.
-    - ddro: exp(r) = pi p+ / ((1 - pi) p-); bco: beta r = logit h + delta: both unbounded where p- = 0, TV >= 1 - M.
+    These four losses depend on the logits of a prompt only through their differences (pairs: r_a - r_b;
+    kldo: invariant to adding a constant to every r), so the policy's normalisation cannot hold the
+    {h = 1} logits back. Not so for ddro or bco: their unconstrained optima are unbounded too, but the
+    normalised policy caps r <= -log pi_ref, and their constrained optimum is finite and not derived here.
     - pro: the root of its stationarity condition (pro_population_optimum), "=".
-    - rdro-batch, kto: no closed form here (None).
+    - rdro-batch, ddro, kto, bco: no closed form here (None).
     """
     p_plus_mass = (task.p_plus * (task.h == 1.0)).sum(-1).mean().item()
     if method in ("rdro-balanced", "sft+"):
         return "=", 0.0, p_plus_mass
-    if method in ("ddro", "bco", "kldo", "pmle", *PAIR_METHODS):
+    if method in ("kldo", "pmle", *PAIR_METHODS):
         return ">=", 1.0 - p_plus_mass, 1.0
     if method == "pro":
         pi = pro_population_optimum(task)
