@@ -109,7 +109,7 @@ def _read_inputs(cfg: Recipe, data_dir: Path, logprobs_dir: Path, spec: losses.L
                                      rerun="rdro logprobs")
     if spec.needs_pairs and not data_manifest.get("paired"):
         raise UserError(f"{data_dir}: {cfg.loss.name} needs paired data (prompt/chosen/rejected); this dataset "
-                        f"is unpaired; use loss.name = rdro, ddro, kto or bco, or prepare a paired dataset")
+                        f"is unpaired; use loss.name = rdro, ddro, kto, bco, pro or kldo, or prepare a paired dataset")
     return data_manifest, logprobs_manifest
 
 
@@ -310,7 +310,7 @@ def _resolve_alpha(cfg: Recipe, preferred_fraction: float | None) -> float | Non
 def _schedule(cfg: Recipe, units: int, units_per_step: int, data_dir: Path) -> tuple[int, int]:
     steps_per_epoch = units // units_per_step
     if steps_per_epoch == 0:
-        what = "pairs" if cfg.loss.name == "dpo" else "rows"
+        what = "pairs" if losses.LOSSES[cfg.loss.name].needs_pairs else "rows"
         raise UserError(f"{data_dir}: the training split has {units} {what}, fewer than one optimizer step takes "
                         f"({units_per_step}); lower train.batch_size or train.gradient_accumulation_steps")
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
