@@ -461,29 +461,36 @@ def format_predictions(study: dict) -> str:
 
 
 def plot(study: dict, path: Path) -> None:
+    """TV to p+, max training-row log-ratio and largest gradient norm against n, one line per loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ns = study["settings"]["ns"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, per_column in study["results"].items():
-        means = [np.mean(per_column[str(n)]["tv"]) for n in ns]
-        stds = [np.std(per_column[str(n)]["tv"]) for n in ns]
-        line = ax.errorbar(ns, means, yerr=stds, marker="o", capsize=3, label=method,
-                           linestyle="--" if method == "sft+" else "-")
-        if "inf" in per_column:
-            # where each loss would end up with unlimited data
-            ax.axhline(per_column["inf"]["tv"][0], color=line[0].get_color(), linestyle=":", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training rows n")
-    ax.set_ylabel("total variation to p+")
-    ax.set_title("Consistency on an enumerable task (dotted: n = infinity)")
-    ax.legend(fontsize=8, loc="lower left")
+    panels = [("tv", "total variation to p+"), ("max_logratio", "max log-ratio of a training row"),
+              ("max_grad_norm", "largest gradient norm")]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    colours = plt.get_cmap("tab20").colors  # 15 methods: the default 10-colour cycle repeats
+    for index, (method, per_column) in enumerate(study["results"].items()):
+        colour = colours[index % len(colours)]
+        style = "--" if method == "sft+" else ("-." if method in NEW_METHODS else "-")
+        for ax, (metric, _) in zip(axes, panels, strict=True):
+            means = [np.mean(per_column[str(n)][metric]) for n in ns]
+            stds = [np.std(per_column[str(n)][metric]) for n in ns]
+            ax.errorbar(ns, means, yerr=stds, marker="o", capsize=3, label=method, linestyle=style, color=colour)
+            if "inf" in per_column:  # where each loss would end up with unlimited data
+                ax.axhline(per_column["inf"][metric][0], color=colour, linestyle=":", linewidth=1)
+    for ax, (metric, label) in zip(axes, panels, strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log" if metric != "max_logratio" else "linear")
+        ax.set_xlabel("training rows n")
+        ax.set_ylabel(label)
+    axes[1].axhline(study["task"]["bound_log_1_over_alpha"], color="black", linewidth=0.8)
+    axes[0].set_title("Consistency on an enumerable task (dotted: n = infinity)")
+    axes[2].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -171,3 +171,35 @@ def test_pmle_trains_without_a_logprobs_artifact(paired_data, tiny_llama, tmp_pa
     code, _, err = _train(paired_data, tmp_path / "dpo", tiny_llama, "train.max_steps=2", "train.batch_size=4",
                           loss="dpo")
     assert code == 2 and "run `rdro logprobs` first" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_kldo_two_processes_match_one_process_with_twice_the_batch(unpaired_run, tiny_llama, tmp_path):
+    # KLDO's counts, log-mean-exp and moving average are global-batch statistics: gathered across processes
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = Path(__file__).resolve().parent.parent
+    bin_dir = Path(sys.executable).parent
+    command = [str(bin_dir / "accelerate"), "launch", "--config_file",
+               str(repo / "recipes" / "accelerate" / "ddp-cpu-2.yaml"), "--main_process_port", str(port),
+               str(bin_dir / "rdro"), "train", "--model", str(tiny_llama), "--data", str(unpaired_run / "data"),
+               "--logprobs", str(unpaired_run / "logprobs"), "--out", str(tmp_path / "two"), "--loss", "kldo"]
+    for item in [*COMMON, "train.max_steps=5", "train.batch_size=4"]:
+        command += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    code, _, err = _train(unpaired_run, tmp_path / "one", tiny_llama, "train.max_steps=5", loss="kldo")
+    assert code == 0, err
+    two, one = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    assert [r["step"] for r in two] == list(range(1, 6))
+    for a, b in zip(one, two, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["kldo_ema"] == pytest.approx(b["kldo_ema"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
