@@ -217,7 +217,7 @@ def train(
     logprobs_dir: Path = typer.Option(None, "--logprobs", help="logprobs output "
                                                                "(default: <output.dir>/logprobs)."),
     model: str = typer.Option(None, "--model", "-m", help="Policy initialisation (model.name)."),
-    loss: str = typer.Option(None, "--loss", help="rdro, ddro, kto, bco or dpo (loss.name)."),
+    loss: str = typer.Option(None, "--loss", help="rdro, ddro, kto, bco, dpo, pro, kldo, bpo or pmle (loss.name)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: <output.dir>/train)."),
     max_steps: int = typer.Option(None, help="Stop after N optimizer steps (train.max_steps)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint."),

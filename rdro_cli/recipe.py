@@ -24,7 +24,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-LOSS_NAMES = ("rdro", "ddro", "kto", "bco", "dpo")
+LOSS_NAMES = ("rdro", "ddro", "kto", "bco", "dpo", "pro", "kldo", "bpo", "pmle")
 EVAL_TASKS = ("preference", "generate", "exact_match", "bbh")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # accelerate's trackers (accelerate.utils.LoggerType, less "all"): rdro_cli/tracking.py
@@ -91,9 +91,19 @@ class LossSection:
     alpha: Any = _opt("auto", 'RDRO mixture weight in (0, 1), or "auto" = preferred fraction', check=_alpha)
     weighting: str = _opt("batch", "RDRO reduction: batch (published) or balanced (consistent)",
                           choices=("batch", "balanced"))
-    beta: float = _opt(0.1, "temperature for kto, bco and dpo", check=_positive)
+    beta: float = _opt(0.1, "temperature for kto, bco, dpo, pro, kldo and bpo", check=_positive)
     desirable_weight: float = _opt(1.0, "KTO lambda_D", check=_positive)
     undesirable_weight: float = _opt(1.0, "KTO lambda_U", check=_positive)
+    pro_alpha: float = _opt(2.5, "PRO weight of the hyper-response regulariser", check=_positive)
+    pro_weighting: str = _opt("balanced", "PRO reduction: balanced (classes count equally) or batch",
+                              choices=("balanced", "batch"))
+    kldo_estimator: str = _opt("ma", "KLDO log-mean-exp gradient: ma (moving average, the authors' default) "
+                               "or biased (this batch)", choices=("ma", "biased"))
+    kldo_rate: float = _opt(0.1, "KLDO moving-average rate", check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
+    bpo_divergence: str = _opt("lr", "BPO Bregman generator (lr = DPO)", choices=("lr", "kliep", "lsif", "ba", "sba"))
+    bpo_lam: float = _opt(1.0, "BPO lambda of ba / sba", check=_positive)
+    bpo_ratio_min: float = _opt(1e-6, "BPO lower clamp of the ratio R", check=_open_unit)
+    pmle_gamma: float = _opt(5e-3, "preference-MLE temperature gamma (reference-free)", check=_positive)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """train: the policy learns from binary feedback against precomputed reference log-probs.
 
 Reads `<run>/data` (prepare) and `<run>/logprobs` (reference log-probs, one float per row), loads the
-policy only, and minimises one of the losses of docs/losses.md over the training split:
+policy only, and minimises one of the losses of docs/losses.md over the training split (a reference-free
+loss, `pmle`, reads no logprobs artifact):
 
     config -> validate inputs -> set up (policy, optimizer, schedule, output dir) -> loop -> save
 
@@ -102,24 +103,28 @@ class TrainRows:
         return tuple(t.to(self.device) for t in tensors)
 
 
-def _read_inputs(cfg: Recipe, data_dir: Path, logprobs_dir: Path, spec: losses.LossSpec) -> tuple[dict, dict]:
+def _read_inputs(cfg: Recipe, data_dir: Path, logprobs_dir: Path, spec: losses.LossSpec) -> tuple[dict, dict | None]:
     data_manifest = artifacts.require_input(data_dir, "prepare", rerun="rdro prepare")
-    logprobs_manifest = artifacts.require_input(logprobs_dir, "logprobs", rerun="rdro logprobs")
-    artifacts.check_inputs_match(logprobs_dir, logprobs_manifest, {"data": data_manifest["fingerprint"]},
-                                 rerun="rdro logprobs")
+    logprobs_manifest = None  # a reference-free loss (pmle) reads no logprobs artifact
+    if spec.needs_ref:
+        logprobs_manifest = artifacts.require_input(logprobs_dir, "logprobs", rerun="rdro logprobs")
+        artifacts.check_inputs_match(logprobs_dir, logprobs_manifest, {"data": data_manifest["fingerprint"]},
+                                     rerun="rdro logprobs")
     if spec.needs_pairs and not data_manifest.get("paired"):
         raise UserError(f"{data_dir}: {cfg.loss.name} needs paired data (prompt/chosen/rejected); this dataset "
-                        f"is unpaired; use loss.name = rdro, ddro, kto or bco, or prepare a paired dataset")
+                        f"is unpaired; use loss.name = rdro, ddro, kto, bco, pro or kldo, or prepare a paired dataset")
     return data_manifest, logprobs_manifest
 
 
-def _load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifest: dict,
+def _load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifest: dict | None,
                spec: losses.LossSpec) -> TrainRows:
     import datasets
     from safetensors.torch import load_file
 
     split = datasets.load_from_disk(str(data_dir))["train"]
-    tensors = load_file(str(logprobs_dir / "train.safetensors"))
+    # reference-free: "log-ratios" are then s_pol itself (s_ref = 0)
+    tensors = load_file(str(logprobs_dir / "train.safetensors")) if spec.needs_ref \
+        else {"ref_logps": torch.zeros(len(split))}
     rerun = f"re-run `rdro logprobs --force{' --set loss.name=kto' if spec.needs_kl else ''}`"
     if tensors["ref_logps"].shape != (len(split),):
         raise UserError(f"{logprobs_dir}/train.safetensors has {tensors['ref_logps'].shape[0]} reference "
@@ -133,7 +138,7 @@ def _load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifes
     if pairs is not None and len(pairs) == 0:
         raise UserError(f"{data_dir}: {cfg.loss.name} needs paired data (prompt/chosen/rejected); no complete "
                         f"chosen/rejected pair is left in the training split")
-    kl_max_length = logprobs_manifest.get("config", {}).get("data", {}).get("max_length", cfg.data.max_length)
+    kl_max_length = (logprobs_manifest or {}).get("config", {}).get("data", {}).get("max_length", cfg.data.max_length)
     return TrainRows(ids=split.select_columns(["input_ids"]), completion_start=columns["completion_start"],
                      label=label, kl_partner=columns["kl_partner"], ref_logps=tensors["ref_logps"].float(),
                      ref_kl_logps=tensors.get("ref_kl_logps"), pairs=pairs, kl_max_length=int(kl_max_length))
@@ -172,6 +177,7 @@ class TrainState:
     position: int = 0  # index of the next step within its epoch
     bco_delta: float = 0.0
     bco_count: int = 0
+    kldo_ema: float = 0.0  # 0 = not started (the authors' convention); reset at every epoch's start
 
 
 @dataclass
@@ -306,6 +312,16 @@ def _static_loss_kwargs(cfg: Recipe, alpha: float | None, preferred_fraction: fl
                 "undesirable_weight": cfg.loss.undesirable_weight}
     if name in ("bco", "dpo"):
         return {"beta": cfg.loss.beta}
+    if name == "pro":
+        return {"beta": cfg.loss.beta, "alpha": cfg.loss.pro_alpha, "weighting": cfg.loss.pro_weighting,
+                "preferred_fraction": preferred_fraction}
+    if name == "kldo":
+        return {"beta": cfg.loss.beta, "estimator": cfg.loss.kldo_estimator}
+    if name == "bpo":
+        return {"beta": cfg.loss.beta, "divergence": cfg.loss.bpo_divergence, "lam": cfg.loss.bpo_lam,
+                "ratio_min": cfg.loss.bpo_ratio_min}
+    if name == "pmle":
+        return {"gamma": cfg.loss.pmle_gamma}
     return {}
 
 
@@ -321,7 +337,7 @@ def _resolve_alpha(cfg: Recipe, preferred_fraction: float | None) -> float | Non
 def _schedule(cfg: Recipe, units: int, units_per_step: int, data_dir: Path) -> tuple[int, int]:
     steps_per_epoch = units // units_per_step
     if steps_per_epoch == 0:
-        what = "pairs" if cfg.loss.name == "dpo" else "rows"
+        what = "pairs" if losses.LOSSES[cfg.loss.name].needs_pairs else "rows"
         raise UserError(f"{data_dir}: the training split has {units} {what}, fewer than one optimizer step takes "
                         f"({units_per_step}); lower train.batch_size or train.gradient_accumulation_steps")
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
@@ -471,7 +487,7 @@ def _restore_checkpoint(session: Session, checkpoint: Path) -> None:
         raise UserError(f"{checkpoint}: written by {len(body['rng'])} processes, resumed with "
                         f"{accelerator.num_processes}; resume with the same launch settings")
     _set_rng_state(body["rng"][accelerator.process_index])
-    session.state = TrainState(**{k: body[k] for k in vars(TrainState())})
+    session.state = TrainState(**{k: body[k] for k in vars(TrainState()) if k in body})  # older: no kldo_ema
     session.last_checkpoint = checkpoint
 
 
@@ -555,11 +571,17 @@ def _micro_step(session: Session, rows: np.ndarray, loss_scale: float) -> dict:
     logratios = session.policy(groups)[restore] - rows_data.ref_logps[index].to(accelerator.device)
     labels = torch.from_numpy(rows_data.label[rows]).to(accelerator.device)
     gathered = accelerator.gather(torch.stack([logratios.detach(), labels.float()], dim=1))
-    if spec.stateful:  # BCO: delta includes this global batch before the loss
+    if spec.state == "bco_delta":  # BCO: delta includes this global batch before the loss
         state = session.state
         state.bco_delta, state.bco_count = losses.bco_update_delta(
             state.bco_delta, state.bco_count, kwargs["beta"] * gathered[:, 0])
         kwargs["delta"] = state.bco_delta
+    if spec.state == "kldo_ema":  # KLDO: m includes this global batch; its statistics come from all rows
+        batch_labels = gathered[:, 1].bool()
+        if kwargs["estimator"] == "ma":
+            session.state.kldo_ema = losses.kldo_update_ema(
+                session.state.kldo_ema, kwargs["beta"] * gathered[~batch_labels, 0], rate=session.cfg.loss.kldo_rate)
+        kwargs.update(ema=session.state.kldo_ema, batch_logratios=gathered[:, 0], batch_labels=batch_labels)
     if spec.needs_pairs:
         half = len(rows) // 2
         output = spec.fn(logratios[:half], logratios[half:], **kwargs)
@@ -607,8 +629,10 @@ def _optimizer_step(session: Session, units: np.ndarray) -> dict:
     stat_kwargs = dict(session.loss_kwargs)
     if session.spec.needs_kl:
         stat_kwargs["kl_ref_point"] = torch.stack([m["kl_ref_point"] for m in micro]).mean()
-    if session.spec.stateful:
+    if session.spec.state == "bco_delta":
         stat_kwargs["delta"] = session.state.bco_delta
+    if session.spec.state == "kldo_ema":
+        stat_kwargs["ema"] = session.state.kldo_ema
     if session.spec.needs_pairs:
         stats = session.spec.fn(logratios[labels], logratios[~labels], **stat_kwargs).stats
     else:
@@ -629,6 +653,7 @@ def _train_loop(session: Session, progress, task) -> None:
             epoch_progress = state.epoch + state.position / session.steps_per_epoch
             if state.position == session.steps_per_epoch:
                 state.epoch, state.position = state.epoch + 1, 0
+                state.kldo_ema = 0.0  # KLDO's authors restart the moving average every epoch
             tokens_per_s = record.pop("tokens") / max(time.perf_counter() - began, 1e-9)
             row = {"step": state.step, "epoch": round(epoch_progress, 6), "tokens_per_s": round(tokens_per_s, 1),
                    **{k: (v if v is not None and math.isfinite(v) else None) for k, v in record.items()}}
@@ -683,7 +708,8 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     accelerator = _make_accelerator(cfg, out)
     outputs.claim(out, "train", inputs=[data_dir, logprobs_dir, *outputs.local_paths(cfg.model.name)],
                   is_main=accelerator.is_main_process, share=outputs.broadcast_from_main(accelerator))
-    inputs = {"data": data_manifest["fingerprint"], "logprobs": logprobs_manifest["fingerprint"],
+    inputs = {"data": data_manifest["fingerprint"],
+              "logprobs": logprobs_manifest["fingerprint"] if logprobs_manifest else None,
               "model": modeling.model_fingerprint(cfg.model.name, revision=cfg.model.revision or None)}
     identity = _identity(cfg, inputs, accelerator.num_processes)
     fingerprint = _fingerprint(identity)
