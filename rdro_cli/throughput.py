@@ -98,11 +98,11 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def measure_forward_cost(forward, vocab: int, device: torch.device, *, repeats: int = 3,
                          clock=time.perf_counter) -> dict:
-    """Times ``forward(input_ids, attention_mask, completion_mask)`` (no grad) at ``SHAPES``, the median of
+    """Times ``forward(input_ids, attention_mask, completion_mask)`` (no grad) at ``SHAPES``, the fastest of
     `repeats` calls after one warm-up each, and fits (1). Random token ids below `vocab`; the second half of
     each row is "completion". Every process of a launch times the same shapes (FSDP's gathers stay matched)."""
     generator = torch.Generator().manual_seed(0)
-    samples, medians = [], {}
+    fastest = {}
     for rows, width in SHAPES:
         ids = torch.randint(0, vocab, (rows, width), generator=generator).to(device)
         mask = torch.ones_like(ids)
@@ -116,12 +116,12 @@ def measure_forward_cost(forward, vocab: int, device: torch.device, *, repeats: 
             _sync(device)
             if i:  # the first call is a warm-up (allocator, kernel selection)
                 times.append(clock() - began)
-        samples += [(rows * width, t) for t in times]
-        medians[f"{rows}x{width}"] = statistics.median(times)
-    # the medians, not every sample: one slow call on a shared machine should not tilt the line
-    fixed, per_token = fit_forward_cost([(r * w, medians[f"{r}x{w}"]) for r, w in SHAPES])
+        fastest[f"{rows}x{width}"] = min(times)
+    # the fastest call of each shape: on a shared machine other processes only ever add time, and a
+    # measurement inflated by them would be cached for every later run
+    fixed, per_token = fit_forward_cost([(r * w, fastest[f"{r}x{w}"]) for r, w in SHAPES])
     return {"fixed_s": fixed, "per_token_s": per_token, "group_cost": group_cost_tokens(fixed, per_token),
-            "median_s": medians, "repeats": repeats}
+            "fastest_s": fastest, "repeats": repeats}
 
 
 def forward_cost(setting, forward, *, vocab: int, fingerprint: str, dtype: torch.dtype, device: torch.device,
@@ -200,8 +200,8 @@ def mfu(params: int, tokens: float, seconds: float, peak: float, processes: int 
 def mfu_scale(model: nn.Module, device: torch.device, dtype: torch.dtype, override: float,
               processes: int) -> float | None:
     """``6 N / (peak · processes)``, so that MFU = scale · tokens / seconds; None off CUDA (also with an
-    override), for float32 weights without an override (the table holds bf16/fp16 tensor-core peaks) or on an unknown GPU."""
-    if device.type != "cuda":  # MFU is a GPU figure; on CPU the metrics field is null
+    override: the metrics rows then have no ``mfu`` field), for float32 weights without an override (the table holds bf16/fp16 tensor-core peaks) or on an unknown GPU."""
+    if device.type != "cuda":  # MFU is a GPU figure; on CPU metrics.jsonl has no mfu field
         return None
     if dtype not in (torch.bfloat16, torch.float16) and not override:
         return None

@@ -576,7 +576,7 @@ def _train_loop(session: Session, progress, task, tensorboard) -> None:
             seconds, tokens = max(time.perf_counter() - began, 1e-9), record.pop("tokens")
             tokens_per_s, mfu = tokens / seconds, throughput.step_mfu(session.mfu_scale, tokens, seconds)
             row = {"step": state.step, "epoch": round(epoch_progress, 6), "tokens_per_s": round(tokens_per_s, 1),
-                   "mfu": mfu,
+                   **({} if mfu is None else {"mfu": mfu}),  # absent off CUDA
                    **{k: (v if v is not None and math.isfinite(v) else None) for k, v in record.items()}}
             if accelerator.is_main_process and (state.step % cfg.train.log_every == 0
                                                 or state.step == session.total_steps):
