@@ -9,7 +9,7 @@ CPU. We model one forward over ``T`` padded tokens as
 
 time a few no-grad forwards of the policy at two shapes, fit (1) and express the fixed part in tokens:
 
-    group_cost = t_0 / c   token-equivalents per forward                           (2)
+    group_cost = max(t_0 / c, MIN_GROUP_COST)   token-equivalents per forward      (2)
 
 cached per (model fingerprint, dtype, device name, torch version) under ``artifacts.cache_dir()``, so every
 run of the same model on the same device groups the same way (and a resumed run repeats its steps exactly).
@@ -39,6 +39,13 @@ from rdro_cli import artifacts
 
 # Cap of (2): beyond it the DP makes one group per micro-batch anyway; keeps the cache JSON finite.
 MAX_GROUP_COST = 1e9
+# Floor of the measured cost: the fixed 512 that issue 10 tuned on CPU. Model (1) is linear, but on a CPU
+# small matmuls are also less efficient per token and each group adds backward/autograd overhead that a
+# no-grad forward does not show: measured there (llama-cpu, 2 busy cores), (2) came out at 131 tokens, and
+# grouping with 131 instead of 512 made forward+backward of train_bench's micro-batches 0.72x as fast
+# (21 groups instead of 12). The measurement may only raise the cost, which it does on GPUs by orders of
+# magnitude (launch-bound forwards).
+MIN_GROUP_COST = 512.0
 # Two shapes for (1): one row of 32 tokens (launch-bound everywhere) and 8 rows of 256 (2048 tokens).
 SHAPES = ((1, 32), (8, 256))
 
@@ -77,7 +84,7 @@ def fit_forward_cost(samples: list[tuple[int, float]]) -> tuple[float, float]:
 
 
 def group_cost_tokens(fixed_s: float, per_token_s: float) -> float:
-    """(2), clamped to [0, MAX_GROUP_COST]. A non-positive slope (the bigger forward was not slower: all of its
+    """(2), clamped to [0, MAX_GROUP_COST] (training uses at least ``MIN_GROUP_COST``). A non-positive slope (the bigger forward was not slower: all of its
     time is fixed cost) means one forward per micro-batch is cheapest."""
     if per_token_s <= 0 or not math.isfinite(per_token_s):
         return MAX_GROUP_COST
@@ -120,8 +127,9 @@ def measure_forward_cost(forward, vocab: int, device: torch.device, *, repeats: 
     # the fastest call of each shape: on a shared machine other processes only ever add time, and a
     # measurement inflated by them would be cached for every later run
     fixed, per_token = fit_forward_cost([(r * w, fastest[f"{r}x{w}"]) for r, w in SHAPES])
-    return {"fixed_s": fixed, "per_token_s": per_token, "group_cost": group_cost_tokens(fixed, per_token),
-            "fastest_s": fastest, "repeats": repeats}
+    measured = group_cost_tokens(fixed, per_token)
+    return {"fixed_s": fixed, "per_token_s": per_token, "measured_group_cost": measured,
+            "group_cost": max(measured, MIN_GROUP_COST), "fastest_s": fastest, "repeats": repeats}
 
 
 def forward_cost(setting, forward, *, vocab: int, fingerprint: str, dtype: torch.dtype, device: torch.device,

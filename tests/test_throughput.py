@@ -52,7 +52,18 @@ def test_measurement_times_the_forward_at_two_shapes_and_fits_it():
     assert measured["fastest_s"] == {"1x32": pytest.approx(0.020 + 32e-5), "8x256": pytest.approx(0.020 + 2048e-5)}
     assert measured["per_token_s"] == pytest.approx(10e-6)
     assert measured["fixed_s"] == pytest.approx(0.020)
-    assert measured["group_cost"] == pytest.approx(2000)
+    assert measured["measured_group_cost"] == pytest.approx(2000) and measured["group_cost"] == pytest.approx(2000)
+
+
+def test_measured_cost_never_goes_below_the_cpu_tuned_floor():
+    now = [0.0]
+
+    def forward(ids, mask, completion):  # CPU-like: 1 ms fixed, 10 us per token -> (2) = 100 tokens
+        now[0] += 0.001 + 10e-6 * ids.numel()
+
+    measured = throughput.measure_forward_cost(forward, 100, torch.device("cpu"), clock=lambda: now[0])
+    assert measured["measured_group_cost"] == pytest.approx(100)
+    assert measured["group_cost"] == throughput.MIN_GROUP_COST == 512
 
 
 def test_measurement_of_a_real_tiny_model_runs():
@@ -66,7 +77,8 @@ def test_measurement_of_a_real_tiny_model_runs():
     wrapper = modeling.CompletionLogps(model)
     measured = throughput.measure_forward_cost(wrapper, 300, torch.device("cpu"), repeats=1)
     assert set(measured["fastest_s"]) == {"1x32", "8x256"} and all(t > 0 for t in measured["fastest_s"].values())
-    assert 0 <= measured["group_cost"] <= throughput.MAX_GROUP_COST
+    assert throughput.MIN_GROUP_COST <= measured["group_cost"] <= throughput.MAX_GROUP_COST
+    assert 0 <= measured["measured_group_cost"] <= measured["group_cost"]
 
 
 def test_forward_cost_is_cached_per_key_and_the_recipe_overrides(tmp_path, monkeypatch):
