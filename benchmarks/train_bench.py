@@ -822,7 +822,7 @@ def main(argv: list[str] | None = None) -> None:
                 kept = Path(tempfile.mkdtemp(prefix="train-bench-kept-"))
                 subprocess.run(["cp", "-r", f"{tmp}/.", str(kept)], check=False)
                 print(f"work dir kept in {kept}", file=sys.stderr)
-    line = json.dumps(summary)
+    line = json.dumps(summary, default=str)  # config holds paths (--out)
     if args.out:
         args.out.write_text(line + "\n")
     print(line)
