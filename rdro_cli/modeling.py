@@ -704,7 +704,7 @@ def pack(rows_input_ids: Sequence[Sequence[int]], completion_starts: Sequence[in
 def batch_tokens(batch) -> torch.Tensor | int:
     """Real (unpadded) tokens of a :class:`PackedBatch` or of a list of collated length groups."""
     if isinstance(batch, PackedBatch):
-        return torch.tensor(batch.tokens)
+        return torch.tensor(batch.tokens, device=batch.input_ids.device)  # summed with on-device losses
     return sum(attention_mask.sum() for _, attention_mask, _ in batch)
 
 
