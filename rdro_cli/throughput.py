@@ -102,9 +102,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 def measure_forward_cost(forward, vocab: int, device: torch.device, *, repeats: int = 3,
                          clock=time.perf_counter) -> dict:
+    """:func:`_measure` with the global RNG (CPU and this CUDA device) restored afterwards: the forwards run in
+    train mode, and their dropout draws must not shift the run's randomness (a run that measured and one
+    that read the cache, e.g. a resumed one, must train identically)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        return _measure(forward, vocab, device, repeats, clock)
+
+
+def _measure(forward, vocab: int, device: torch.device, repeats: int, clock) -> dict:
     """Times ``forward(input_ids, attention_mask, completion_mask)`` (no grad) at ``SHAPES``, the fastest of
     `repeats` calls after one warm-up each, and fits (1). Random token ids below `vocab`; the second half of
     each row is "completion". Every process of a launch times the same shapes (FSDP's gathers stay matched)."""

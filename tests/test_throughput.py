@@ -175,3 +175,17 @@ def test_mfu_scale_on_a_gpu(monkeypatch):
     monkeypatch.setattr(throughput, "device_name", lambda device: "Some Future GPU")
     assert throughput.mfu_scale(model, cuda, torch.bfloat16, 0.0, 1) is None
     assert not math.isnan(throughput.mfu(110, 1, 1.0, 1.0))
+
+
+def test_measurement_leaves_the_random_state_alone():
+    """A measured run must draw the same dropout masks as a run that read the cache (resume = uninterrupted):
+    the measurement's forwards (in train mode, with dropout) must not advance the global RNG."""
+    dropout = torch.nn.Dropout(0.5).train()
+
+    def forward(ids, mask, completion):
+        dropout(torch.ones(ids.shape))
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    throughput.measure_forward_cost(forward, 100, torch.device("cpu"), repeats=1)
+    assert torch.equal(torch.get_rng_state(), before)
