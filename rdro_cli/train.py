@@ -604,8 +604,7 @@ def _load_tokenizer(cfg: Recipe):
     tokenizer = modeling.load_tokenizer(cfg.model.name, revision=cfg.model.revision or None,
                                         trust_remote_code=cfg.model.trust_remote_code)
     if cfg.model.chat_template:  # the template prepare used, saved with the trained model
-        template = Path(cfg.model.chat_template)
-        tokenizer.chat_template = template.read_text() if template.is_file() else cfg.model.chat_template
+        tokenizer.chat_template = modeling.resolve_chat_template(cfg.model.chat_template)
     return tokenizer
 
 

@@ -30,7 +30,8 @@ def test_prepare_writes_artifact_and_manifest_matching_input(cli, tmp_path, tiny
     rows = _input_rows(source)
     counts = manifest["counts"]
     assert counts["train"]["rows"] + counts["test"]["rows"] == len(rows)
-    assert counts["test"]["rows"] == round(len(rows) * 0.25)
+    # grouped by prompt: at least the asked-for fraction, whole prompt groups (this fixture repeats prompts)
+    assert round(len(rows) * 0.25) <= counts["test"]["rows"] < round(len(rows) * 0.25) + 3
     assert counts["train"]["preferred"] + counts["test"]["preferred"] == sum(r["label"] for r in rows)
     assert manifest["preferred_fraction"] == pytest.approx(counts["train"]["preferred"] / counts["train"]["rows"])
     assert set(manifest["inputs"]) == {"dataset", "tokenizer", "chat_template"}
@@ -141,8 +142,8 @@ def test_save_to_disk_dir_and_parquet(cli, tmp_path, tiny_llama):
 
 
 def test_truncation_keeps_prompt_end_and_completion_start(cli, tmp_path, tiny_llama):
-    long_prompt = "alpha " * 40 + "the end"
-    rows = [{"prompt": long_prompt, "completion": "yes " * 60, "label": i % 2 == 0} for i in range(8)]
+    rows = [{"prompt": f"question {i} " + "alpha " * 40 + "the end", "completion": "yes " * 60,
+             "label": i % 2 == 0} for i in range(8)]
     source = write_jsonl(tmp_path / "long.jsonl", rows)
     code, out, _, _ = _run(cli, tmp_path, source, tiny_llama, "--max-length", "48", "--max-prompt-length", "20")
     assert code == 0
@@ -159,7 +160,7 @@ def test_truncation_keeps_prompt_end_and_completion_start(cli, tmp_path, tiny_ll
 
 def test_minimal_room_keeps_one_completion_token(tmp_path, tiny_llama):
     # max_prompt_length < max_length always leaves room for at least one completion token.
-    rows = [{"prompt": "hi there", "completion": "yes indeed", "label": i % 2 == 0} for i in range(8)]
+    rows = [{"prompt": f"hi there {i}", "completion": "yes indeed", "label": i % 2 == 0} for i in range(8)]
     source = write_jsonl(tmp_path / "short.jsonl", rows)
     cfg = load_recipe(None, [], {"data.dataset": str(source), "model.name": str(tiny_llama),
                                  "data.max_length": 4, "data.max_prompt_length": 3})

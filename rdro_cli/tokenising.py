@@ -1,0 +1,131 @@
+"""Templating and tokenisation of source rows, one `Dataset.map` batch at a time (in worker processes).
+
+For each unpaired example the templated prompt P (with the generation prompt) and the templated full
+conversation F are tokenised with batched fast-tokenizer calls. The completion starts at len(ids(P)) when
+ids(P) is a prefix of ids(F) and P a prefix of F; otherwise (a template whose generation prompt differs
+from the rendered assistant turn, or a BPE merge across the boundary) the boundary is kept exact as
+ids(P) + ids(F[len(P):]) and the row counted as a boundary mismatch. Prompts keep their last
+`max_prompt_length` tokens, completions their first `max_length - len(prompt)`; a row with no prompt or
+no completion tokens left is dropped (counted). Each output row carries the per-row flags that `prepare`
+sums into its counts, so no count needs a second pass over the text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rdro_cli import rows as _rows
+from rdro_cli.errors import UserError
+from rdro_cli.sources import source_rows
+
+# Columns of the tokenised intermediate; those starting with "_" never reach the artifact.
+FEATURES = {
+    "input_ids": ("list", "int32"), "completion_start": "int32", "label": "bool", "prompt_text": "string",
+    "completion_text": "string", "prompt": "string", "_src": "int64", "_paired": "bool",
+    "_prompt_hash": "int64", "_duplicate_hash": "int64", "_boundary_mismatch": "bool",
+    "_truncated_prompt": "bool", "_truncated_completion": "bool", "_dropped": "bool", "_control_text": "bool",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a worker needs besides the tokenizer (picklable)."""
+
+    where: tuple[str, str]
+    raw: bool
+    max_length: int
+    max_prompt_length: int
+    use_template: bool
+    control_texts: tuple[str, ...] = ()
+
+
+def features():
+    import datasets
+
+    return datasets.Features({
+        name: datasets.Sequence(datasets.Value(kind[1])) if isinstance(kind, tuple) else datasets.Value(kind)
+        for name, kind in FEATURES.items()
+    })
+
+
+def control_texts(tokenizer) -> tuple[str, ...]:
+    """The text of the tokenizer's special added tokens (e.g. `<|im_end|>`)."""
+    return tuple(sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content}))
+
+
+def _messages(value, role: str) -> list[dict]:
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
+def _contents(example: _rows.Example) -> list[str]:
+    return [m["content"] for m in _messages(example.prompt, "user") + _messages(example.completion, "assistant")]
+
+
+def render(example: _rows.Example, tokenizer, use_template: bool) -> tuple[str, str]:
+    """(templated prompt with the generation prompt, templated full conversation)."""
+    if use_template:
+        prompt_msgs = _messages(example.prompt, "user")
+        prompt_text = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(prompt_msgs + _messages(example.completion, "assistant"),
+                                                  tokenize=False)
+        return prompt_text, full_text
+    return example.prompt, example.prompt + example.completion + (tokenizer.eos_token or "")
+
+
+def parse_batch(batch: dict, indices: list[int], settings: Settings) -> tuple[list[_rows.Example], list[int]]:
+    """The batch's examples and, for each, the index of its source row in the split."""
+    examples, sources = [], []
+    for index, (row, where) in zip(indices, source_rows(batch, indices, settings.where, settings.raw), strict=True):
+        for example in _rows.parse_row(row, where, pair_id=index):
+            if not settings.use_template and _rows.is_conversational(example):
+                raise UserError(f"{where}: a conversational row, but the tokenizer has no chat template; "
+                                f"supply one with --chat-template FILE (model.chat_template)")
+            examples.append(example)
+            sources.append(index)
+    return examples, sources
+
+
+def tokenise_batch(batch: dict, indices: list[int], *, tokenizer, settings: Settings) -> dict[str, list]:
+    """A `Dataset.map(batched=True, with_indices=True)` function: source rows -> tokenised rows + flags."""
+    examples, sources = parse_batch(batch, indices, settings)
+    texts = [render(example, tokenizer, settings.use_template) for example in examples]
+    prompt_ids = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer([f for _, f in texts], add_special_tokens=False)["input_ids"]
+    mismatch = [i for i, ((p_text, f_text), p, f) in enumerate(zip(texts, prompt_ids, full_ids, strict=True))
+                if f[: len(p)] != p or not f_text.startswith(p_text)]
+    if mismatch:
+        # Keep the boundary exact by tokenising the completion on its own; the row is counted.
+        tails = [texts[i][1][len(texts[i][0]):] if texts[i][1].startswith(texts[i][0]) else texts[i][1]
+                 for i in mismatch]
+        for i, tail in zip(mismatch, tokenizer(tails, add_special_tokens=False)["input_ids"], strict=True):
+            full_ids[i] = prompt_ids[i] + tail
+    completion_ids = [f[len(p):] for p, f in zip(prompt_ids, full_ids, strict=True)]
+    completion_texts = tokenizer.batch_decode(completion_ids)
+    mismatched = set(mismatch)
+    out = {name: [] for name in FEATURES}
+    for i, example in enumerate(examples):
+        prompt, completion = prompt_ids[i], completion_ids[i]
+        truncated_prompt = len(prompt) > settings.max_prompt_length
+        if truncated_prompt:
+            prompt = prompt[-settings.max_prompt_length:]
+        truncated_completion = len(prompt) + len(completion) > settings.max_length
+        if truncated_completion:
+            completion = completion[: settings.max_length - len(prompt)]
+        dropped = not completion or not prompt
+        out["input_ids"].append([] if dropped else prompt + completion)
+        out["completion_start"].append(len(prompt))
+        out["label"].append(example.label)
+        out["prompt_text"].append(texts[i][0])
+        out["completion_text"].append(completion_texts[i])
+        out["prompt"].append(_rows.raw_prompt(example))
+        out["_src"].append(sources[i])
+        out["_paired"].append(example.pair_id >= 0)
+        out["_prompt_hash"].append(_rows.hash64(_rows.prompt_key(example)))
+        out["_duplicate_hash"].append(_rows.hash64(example.duplicate_key))
+        out["_boundary_mismatch"].append(i in mismatched)
+        out["_truncated_prompt"].append(truncated_prompt)
+        out["_truncated_completion"].append(truncated_completion)
+        out["_dropped"].append(dropped)
+        out["_control_text"].append(bool(settings.control_texts) and any(
+            t in c for c in _contents(example) for t in settings.control_texts))
+    return out
