@@ -45,7 +45,7 @@ def rows(n: int, seed: int = 0, *, mixed: bool = False):
         return " ".join(drawn)
 
     previous: list[dict] = []
-    for i in range(n):
+    for _ in range(n):
         if mixed and previous and rng.random() < 0.03:  # an exact duplicate of an earlier row
             yield previous[rng.integers(0, len(previous))]
             continue
