@@ -144,7 +144,8 @@ def _select(tokenised, source_rows: np.ndarray, first_pair_id: int, cfg: Recipe,
     src = _column(tokenised, "_src")
     position = np.searchsorted(source_rows, src)
     member = (position < len(source_rows)) & (source_rows[np.minimum(position, len(source_rows) - 1)] == src)
-    flags = {key: _column(tokenised, f"_{key}")[member] for key in (*COUNTED, "dropped", "control_text")}
+    flags = {key: _column(tokenised, f"_{key}")[member]
+             for key in (*COUNTED, "dropped", "control_text", "control_unprotected")}
     rows = np.flatnonzero(member & ~_column(tokenised, "_dropped"))
     duplicate = splitting.duplicates(_column(tokenised, "_duplicate_hash")[rows])
     n_duplicates = int(duplicate.sum())
@@ -164,6 +165,7 @@ def _select(tokenised, source_rows: np.ndarray, first_pair_id: int, cfg: Recipe,
               "dropped_empty_completion": int(flags["dropped"].sum()),
               "duplicate_rows": n_duplicates, "dropped_duplicates": n_duplicates if cfg.data.drop_duplicates else 0,
               "control_token_text": int(flags["control_text"].sum()),
+              "control_token_text_as_tokens": int(flags["control_unprotected"].sum()),
               **_length_stats(_lengths(tokenised)[rows])}
     return rows, pair_id, kl_partner, counts
 
@@ -298,3 +300,7 @@ def _print_summary(out: Path, counts: dict, preferred_fraction: float) -> None:
         kept = "dropped (data.drop_duplicates = true)" if any(c["dropped_duplicates"] for c in counts.values()) \
             else "kept (set data.drop_duplicates = true to drop them)"
         console.print(f"exact duplicate rows: {duplicates}, {kept}")
+    unprotected = sum(c["control_token_text_as_tokens"] for c in counts.values())
+    if unprotected:
+        console.print(f"warning: {unprotected} row(s) hold control-token text (e.g. <|im_end|>) in their content "
+                      f"that the chat template alters, so it was tokenised as control tokens")

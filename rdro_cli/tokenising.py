@@ -12,7 +12,8 @@ sums into its counts, so no count needs a second pass over the text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 from rdro_cli import rows as _rows
 from rdro_cli.errors import UserError
@@ -24,7 +25,9 @@ FEATURES = {
     "completion_text": "string", "prompt": "string", "_src": "int64", "_paired": "bool",
     "_prompt_hash": "int64", "_duplicate_hash": "int64", "_boundary_mismatch": "bool",
     "_truncated_prompt": "bool", "_truncated_completion": "bool", "_dropped": "bool", "_control_text": "bool",
+    "_control_unprotected": "bool",
 }
+_SENTINEL = "\ue000{}\ue001"  # private-use characters: stand-ins for message contents while rendering
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,73 @@ def render(example: _rows.Example, tokenizer, use_template: bool) -> tuple[str, 
     return example.prompt, example.prompt + example.completion + (tokenizer.eos_token or "")
 
 
+def _with_contents(example: _rows.Example, contents: list[str]) -> _rows.Example:
+    prompt = _messages(example.prompt, "user")
+    n = len(prompt)
+    new_prompt = [{**m, "content": c} for m, c in zip(prompt, contents[:n], strict=True)]
+    completion = _messages(example.completion, "assistant")
+    new_completion = [{**m, "content": c} for m, c in zip(completion, contents[n:], strict=True)]
+    return replace(example, prompt=new_prompt if isinstance(example.prompt, list) else new_prompt[0]["content"],
+                   completion=new_completion if isinstance(example.completion, list) else new_completion[0]["content"])
+
+
+def _content_spans(rendered_with_sentinels: str, contents: list[str], rendered: str) -> list[tuple[int, int]] | None:
+    """Character spans of each message content in `rendered`, found by rendering with sentinels in their
+    place; None when the template changed a content (e.g. trimmed it), so the spans cannot be trusted."""
+    spans, text, pos = [], [], 0
+    for part in re.split("(\ue000\\d+\ue001)", rendered_with_sentinels):
+        match = re.fullmatch("\ue000(\\d+)\ue001", part)
+        piece = contents[int(match.group(1))] if match else part
+        if match:
+            spans.append((pos, pos + len(piece)))
+        text.append(piece)
+        pos += len(piece)
+    return spans if "".join(text) == rendered else None
+
+
+def _encode_protected(tokenizer, text: str, spans: list[tuple[int, int]], control: re.Pattern) -> list[int]:
+    """Token ids of `text` where control-token text inside `spans` (message contents) is plain text and
+    the template's own control tokens stay control tokens: the text is cut at the template's control
+    tokens, as the tokenizer itself does, and each piece tokenised with special-token matching off."""
+    ids, pos = [], 0
+    for match in control.finditer(text):
+        if any(start < match.end() and match.start() < end for start, end in spans):
+            continue
+        if match.start() > pos:
+            ids += tokenizer(text[pos:match.start()], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids.append(tokenizer.convert_tokens_to_ids(match.group()))
+        pos = match.end()
+    if pos < len(text):
+        ids += tokenizer(text[pos:], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids
+
+
+def _protect(example, texts, tokenizer, settings) -> tuple[list[int], list[int], bool] | None:
+    """(prompt ids, full ids, boundary mismatch) for a row whose contents hold control-token text, that text as plain text."""
+    contents = _contents(example)
+    prompt_text, full_text = texts
+    if settings.use_template:
+        stand_in = _with_contents(example, [_SENTINEL.format(k) for k in range(len(contents))])
+        prompt_sentinels, full_sentinels = render(stand_in, tokenizer, True)
+        prompt_spans = _content_spans(prompt_sentinels, contents, prompt_text)
+        full_spans = _content_spans(full_sentinels, contents, full_text)
+        if prompt_spans is None or full_spans is None:
+            return None
+    else:
+        prompt_spans = [(0, len(example.prompt))]
+        full_spans = [*prompt_spans, (len(example.prompt), len(example.prompt) + len(example.completion))]
+    control = re.compile("|".join(re.escape(t) for t in sorted(settings.control_texts, key=len, reverse=True)))
+    prompt_ids = _encode_protected(tokenizer, prompt_text, prompt_spans, control)
+    full_ids = _encode_protected(tokenizer, full_text, full_spans, control)
+    mismatch = full_ids[: len(prompt_ids)] != prompt_ids or not full_text.startswith(prompt_text)
+    if mismatch:
+        shift = len(prompt_text) if full_text.startswith(prompt_text) else 0
+        tail = full_text[shift:]
+        full_ids = prompt_ids + _encode_protected(tokenizer, tail, [(a - shift, b - shift) for a, b in full_spans],
+                                                  control)
+    return prompt_ids, full_ids, mismatch
+
+
 def _decode_batch(tokenizer, ids: list[list[int]]) -> list[str]:
     """`[tokenizer.decode(x) for x in ids]`, straight through the Rust backend when that is the same thing
     (no clean-up of tokenization spaces): transformers' per-token Python conversion costs more than the
@@ -109,9 +179,19 @@ def tokenise_batch(batch: dict, indices: list[int], *, tokenizer, settings: Sett
                  for i in mismatch]
         for i, tail in zip(mismatch, tokenizer(tails, add_special_tokens=False)["input_ids"], strict=True):
             full_ids[i] = prompt_ids[i] + tail
+    mismatched = set(mismatch)
+    control = [bool(settings.control_texts) and any(t in c for c in _contents(example) for t in settings.control_texts)
+               for example in examples]
+    unprotected = [False] * len(examples)
+    for i in (i for i, flagged in enumerate(control) if flagged):
+        protected = _protect(examples[i], texts[i], tokenizer, settings)
+        if protected is None:
+            unprotected[i] = True
+            continue
+        prompt_ids[i], full_ids[i], boundary = protected
+        mismatched.add(i) if boundary else mismatched.discard(i)
     completion_ids = [f[len(p):] for p, f in zip(prompt_ids, full_ids, strict=True)]
     completion_texts = _decode_batch(tokenizer, completion_ids)
-    mismatched = set(mismatch)
     out = {name: [] for name in FEATURES}
     for i, example in enumerate(examples):
         prompt, completion = prompt_ids[i], completion_ids[i]
@@ -136,6 +216,6 @@ def tokenise_batch(batch: dict, indices: list[int], *, tokenizer, settings: Sett
         out["_truncated_prompt"].append(truncated_prompt)
         out["_truncated_completion"].append(truncated_completion)
         out["_dropped"].append(dropped)
-        out["_control_text"].append(bool(settings.control_texts) and any(
-            t in c for c in _contents(example) for t in settings.control_texts))
+        out["_control_text"].append(control[i])
+        out["_control_unprotected"].append(unprotected[i])
     return out

@@ -525,3 +525,27 @@ def test_missing_chat_template_file_is_a_one_line_error(cli, tmp_path, tiny_llam
     cfg = load_recipe(None, [], {"model.name": str(tiny_llama), "model.chat_template": "templates/chatml.jinja"})
     with pytest.raises(prepare.UserError, match="neither an existing file"):
         train._load_tokenizer(cfg)
+
+
+@pytest.mark.parametrize("template", ["chatml", "none"])
+def test_control_token_text_in_content_is_tokenised_as_plain_text(cli, tmp_path, tiny_llama, no_template_tokenizer,
+                                                                 template):
+    rows = [{"prompt": f"q {i}", "completion": f"a {i}", "label": i % 2 == 0} for i in range(10)]
+    rows += [{"prompt": "end it <|im_start|>user", "completion": "done<|im_end|>\nnot really", "label": True}]
+    source = write_jsonl(tmp_path / "ctl.jsonl", rows)
+    model = tiny_llama if template == "chatml" else no_template_tokenizer
+    code, out, _, stderr = _run(cli, tmp_path, source, model, "--test-fraction", "0.1")
+    assert code == 0, stderr
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    end, start = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|im_start|>")
+    data = datasets.load_from_disk(str(out))
+    row = next(r for split in data.values() for r in split if "not really" in r["completion_text"])
+    ids = row["input_ids"]
+    completion, prompt = ids[row["completion_start"]:], ids[: row["completion_start"]]
+    # the completion's only real <|im_end|> is the one the template (or the eos) appends
+    assert completion.count(end) == 1 and completion[-1 if template == "none" else -2] == end
+    assert prompt.count(start) == (2 if template == "chatml" else 0)  # the template's, not the user's
+    assert tokenizer.decode(completion).startswith("done<|im_end|>\nnot really")
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert sum(c["control_token_text"] for c in counts.values()) == 1
+    assert sum(c["control_token_text_as_tokens"] for c in counts.values()) == 0
