@@ -137,14 +137,17 @@ def _load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifes
 
 
 def _pairs(pair_id: np.ndarray, label: np.ndarray) -> np.ndarray:
-    """(chosen row, rejected row) for every pair id with exactly one of each, in pair-id order."""
-    found: dict[int, dict[bool, list[int]]] = {}
-    for row, (pid, lab) in enumerate(zip(pair_id.tolist(), label.tolist(), strict=True)):
-        if pid >= 0:
-            found.setdefault(pid, {True: [], False: []})[lab].append(row)
-    pairs = [(rows[True][0], rows[False][0]) for _, rows in sorted(found.items())
-             if len(rows[True]) == 1 and len(rows[False]) == 1]
-    return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    """(chosen row, rejected row) for every pair id with exactly one of each, in pair-id order (vectorised:
+    a Python loop over a million rows alone took seconds)."""
+    rows = np.flatnonzero(pair_id >= 0)
+    label = label[rows].astype(bool)
+    ids, inverse = np.unique(pair_id[rows], return_inverse=True)
+    n_chosen = np.bincount(inverse[label], minlength=len(ids))
+    n_rejected = np.bincount(inverse[~label], minlength=len(ids))
+    chosen, rejected = np.full(len(ids), -1, dtype=np.int64), np.full(len(ids), -1, dtype=np.int64)
+    chosen[inverse[label]], rejected[inverse[~label]] = rows[label], rows[~label]
+    complete = (n_chosen == 1) & (n_rejected == 1)
+    return np.stack([chosen[complete], rejected[complete]], axis=1).reshape(-1, 2)
 
 
 def _check_vocab(rows: TrainRows, model, data_dir: Path) -> None:

@@ -549,3 +549,24 @@ def test_control_token_text_in_content_is_tokenised_as_plain_text(cli, tmp_path,
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert sum(c["control_token_text"] for c in counts.values()) == 1
     assert sum(c["control_token_text_as_tokens"] for c in counts.values()) == 0
+
+
+def test_train_pairs_vectorised_equal_the_per_row_loop():
+    import numpy as np
+
+    from rdro_cli import train
+
+    def loop(pair_id, label):  # the previous implementation
+        found = {}
+        for row, (pid, lab) in enumerate(zip(pair_id.tolist(), label.tolist(), strict=True)):
+            if pid >= 0:
+                found.setdefault(pid, {True: [], False: []})[lab].append(row)
+        return [(r[True][0], r[False][0]) for _, r in sorted(found.items()) if len(r[True]) == len(r[False]) == 1]
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 500):
+        pair_id = rng.integers(-1, max(1, n // 3), size=n)
+        label = rng.random(n) < 0.5
+        assert train._pairs(pair_id, label).tolist() == [list(p) for p in loop(pair_id, label)]
+    assert train._pairs(np.array([3, 3, -1, 1, 1]), np.array([False, True, True, True, False])).tolist() == \
+        [[3, 4], [1, 0]]
