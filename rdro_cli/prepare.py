@@ -26,6 +26,7 @@ from rdro_cli.sources import read_source
 
 COUNTED = ("boundary_mismatch", "truncated_prompt", "truncated_completion")
 BATCH_ROWS = 1000  # source rows per map batch (and per worker progress update)
+PROGRESS_DELAY_S = 1.0  # a progress bar appears once its work has taken this long
 ARTIFACT_COLUMNS = ("input_ids", "completion_start", "label", "pair_id", "kl_partner", "prompt_text",
                     "completion_text", "prompt")
 
@@ -48,12 +49,23 @@ def _num_proc(cfg: Recipe, rows: int) -> int:
 
 
 @contextlib.contextmanager
-def _map_progress(progress, task):
-    """Feed `Dataset.map`'s own row counter (what its workers report as they go) to our progress task.
+def _map_progress(progress, description: str, total: int):
+    """Feed `Dataset.map`'s own row counter (what its workers report as they go) to a progress task.
 
     `datasets` drives a tqdm bar from the rows each worker has finished; standing in for that bar is the
-    one way to see rows advance inside workers. If a datasets release renames it, progress only jumps."""
+    one way to see rows advance inside workers (if a datasets release renames it, progress only jumps).
+    The task appears once the work has taken PROGRESS_DELAY_S: sub-second work leaves no bar, so a one-line error
+    right after it stays one line in a log."""
     import datasets.arrow_dataset as arrow_dataset
+
+    state = {"task": None, "done": 0, "started": time.monotonic()}
+
+    def advance(n: int) -> None:
+        state["done"] += n
+        if state["task"] is None and time.monotonic() - state["started"] >= PROGRESS_DELAY_S:
+            state["task"] = progress.add_task(description, total=total, completed=state["done"])
+        elif state["task"] is not None:
+            progress.advance(state["task"], n)
 
     class Counter:
         def __init__(self, *args, **kwargs):
@@ -66,7 +78,7 @@ def _map_progress(progress, task):
             return False
 
         def update(self, n=1):
-            progress.advance(task, n)
+            advance(n)
 
         def close(self):
             pass
@@ -87,8 +99,7 @@ def _tokenise(split, name: str, tokenizer, settings, work: Path, cfg: Recipe, pr
     num_proc = _num_proc(cfg, len(dataset))
     if num_proc > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
-    task = progress.add_task(f"tokenising {name}", total=len(dataset))
-    with _map_progress(progress, task):
+    with _map_progress(progress, f"tokenising {name}", len(dataset)):
         return dataset.map(
             tokenising.tokenise_batch, batched=True, batch_size=BATCH_ROWS, with_indices=True,
             fn_kwargs={"tokenizer": tokenizer, "settings": settings}, remove_columns=dataset.column_names,
@@ -187,8 +198,7 @@ def _artifact_split(tokenised, rows, pair_id, kl_partner, work: Path, name: str,
         "prompt": datasets.Value("string"),
     })
     selected = tokenised.select(rows)
-    task = progress.add_task(f"writing {name}", total=len(rows))
-    with _map_progress(progress, task):
+    with _map_progress(progress, f"writing {name}", len(rows)):
         return selected.map(
             _finish_batch, batched=True, batch_size=BATCH_ROWS, with_indices=True,
             fn_kwargs={"pair_id": pair_id, "kl_partner": kl_partner}, features=features,
@@ -246,21 +256,22 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
                                                cfg.data.max_prompt_length, use_template,
                                                tokenising.control_texts(tokenizer))
                 tokenised[name] = _tokenise(split, name, tokenizer, settings, work, cfg, progress)
-        train_labels = _column(tokenised[cfg.data.train_split], "label")
-        if len(np.unique(train_labels)) < 2:
-            only = "preferred" if train_labels.all() else "non-preferred"
-            raise UserError(f"{cfg.data.dataset}: every training row is {only}; RDRO needs both labels")
-        picked = _source_split_rows(tokenised, sources, cfg)
-        for name, (_, rows) in picked.items():
-            if not len(rows):
-                raise UserError(f"{cfg.data.dataset}: the {name} split has no rows")
-        counts, selected = {}, {}
-        for name, (source, rows) in picked.items():
-            first_pair_id = 0 if name == "train" else len(picked["train"][1])
-            selected[name] = _select(tokenised[source], rows, first_pair_id, cfg, name)
-            counts[name] = selected[name][3]
-        if counts["train"]["preferred"] in (0, counts["train"]["rows"]):
-            raise UserError(f"{cfg.data.dataset}: after truncation the training split has only one label")
+            # checked inside the progress context: a one-line error then leaves no bar behind in a log
+            train_labels = _column(tokenised[cfg.data.train_split], "label")
+            if len(np.unique(train_labels)) < 2:
+                only = "preferred" if train_labels.all() else "non-preferred"
+                raise UserError(f"{cfg.data.dataset}: every training row is {only}; RDRO needs both labels")
+            picked = _source_split_rows(tokenised, sources, cfg)
+            for name, (_, rows) in picked.items():
+                if not len(rows):
+                    raise UserError(f"{cfg.data.dataset}: the {name} split has no rows")
+            counts, selected = {}, {}
+            for name, (source, rows) in picked.items():
+                first_pair_id = 0 if name == "train" else len(picked["train"][1])
+                selected[name] = _select(tokenised[source], rows, first_pair_id, cfg, name)
+                counts[name] = selected[name][3]
+            if counts["train"]["preferred"] in (0, counts["train"]["rows"]):
+                raise UserError(f"{cfg.data.dataset}: after truncation the training split has only one label")
         with task_progress() as progress:
             dataset = datasets.DatasetDict({
                 name: _artifact_split(tokenised[picked[name][0]], *selected[name][:3], work, name, progress)

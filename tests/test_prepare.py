@@ -570,3 +570,35 @@ def test_train_pairs_vectorised_equal_the_per_row_loop():
         assert train._pairs(pair_id, label).tolist() == [list(p) for p in loop(pair_id, label)]
     assert train._pairs(np.array([3, 3, -1, 1, 1]), np.array([False, True, True, True, False])).tolist() == \
         [[3, 4], [1, 0]]
+
+
+def test_progress_advances_by_rows_while_workers_run(tmp_path, tiny_llama, monkeypatch):
+    import rdro_cli.progress
+
+    events = []
+
+    class Recorder:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def add_task(self, description, total=None, completed=0):
+            events.append(("add", description, total, completed))
+            return description
+
+        def advance(self, task, n):
+            events.append(("advance", task, n))
+
+    monkeypatch.setattr(rdro_cli.progress, "task_progress", lambda *a: Recorder())
+    monkeypatch.setattr(prepare, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(prepare, "BATCH_ROWS", 2)
+    rows = [{"prompt": f"q {i}", "completion": f"a {i}", "label": i % 2 == 0} for i in range(20)]
+    cfg = load_recipe(None, [], {"data.dataset": str(write_jsonl(tmp_path / "r.jsonl", rows)),
+                                 "model.name": str(tiny_llama), "data.num_proc": 2})
+    prepare.run(cfg, out=tmp_path / "d")
+    added = [e for e in events if e[0] == "add" and e[1] == "tokenising train"]
+    steps = [e[2] for e in events if e[0] == "advance" and e[1] == "tokenising train"]
+    assert len(added) == 1 and added[0][2] == 20
+    assert added[0][3] + sum(steps) == 20 and len(steps) >= 2  # several updates, in rows, summing to all rows
