@@ -191,7 +191,7 @@ def _tile(artifact: Path, rows: int, out: Path) -> Path:
         shift = k * len(train)
         part = train.map(lambda b, s=shift: {"kl_partner": (np.asarray(b["kl_partner"]) + s).tolist(),
                                              "pair_id": [p + s if p >= 0 else p for p in b["pair_id"]]},
-                         batched=True, keep_in_memory=False)
+                         batched=True, cache_file_name=str(out.parent / f"{out.name}-part{k}.arrow"))
         parts.append(part)
     tiled = datasets.concatenate_datasets(parts).select(range(rows))
     datasets.DatasetDict({"train": tiled, "test": data["test"]}).save_to_disk(str(out))

@@ -177,6 +177,7 @@ def _select(tokenised, source_rows: np.ndarray, first_pair_id: int, cfg: Recipe,
               "duplicate_rows": n_duplicates, "dropped_duplicates": n_duplicates if cfg.data.drop_duplicates else 0,
               "control_token_text": int(flags["control_text"].sum()),
               "control_token_text_as_tokens": int(flags["control_unprotected"].sum()),
+              "max_token_id": int(_column(tokenised, "_max_id")[rows].max()),
               **_length_stats(_lengths(tokenised)[rows])}
     return rows, pair_id, kl_partner, counts
 

@@ -25,7 +25,7 @@ FEATURES = {
     "completion_text": "string", "prompt": "string", "_src": "int64", "_paired": "bool",
     "_prompt_hash": "int64", "_duplicate_hash": "int64", "_boundary_mismatch": "bool",
     "_truncated_prompt": "bool", "_truncated_completion": "bool", "_dropped": "bool", "_control_text": "bool",
-    "_control_unprotected": "bool",
+    "_control_unprotected": "bool", "_max_id": "int64",
 }
 _SENTINEL = "\ue000{}\ue001"  # private-use characters: stand-ins for message contents while rendering
 
@@ -218,4 +218,5 @@ def tokenise_batch(batch: dict, indices: list[int], *, tokenizer, settings: Sett
         out["_dropped"].append(dropped)
         out["_control_text"].append(control[i])
         out["_control_unprotected"].append(unprotected[i])
+        out["_max_id"].append(-1 if dropped else max(max(prompt), max(completion)))
     return out

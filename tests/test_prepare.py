@@ -43,6 +43,7 @@ def test_prepare_writes_artifact_and_manifest_matching_input(cli, tmp_path, tiny
     assert {"input_ids", "completion_start", "label", "pair_id", "kl_partner", "prompt_text",
             "completion_text", "prompt"} <= set(data["train"].column_names)
     assert all(p == -1 for p in data["train"]["pair_id"])
+    assert counts["train"]["max_token_id"] == max(max(ids) for ids in data["train"]["input_ids"])
     assert not list(tmp_path.glob("data.tmp-*"))
 
 
