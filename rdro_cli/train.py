@@ -124,7 +124,9 @@ def _load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifes
     if spec.needs_kl and "ref_kl_logps" not in tensors:
         raise UserError(f"{logprobs_dir}: {cfg.loss.name} needs the mismatched-pair reference log-probs "
                         f"(ref_kl_logps), which this logprobs run did not compute; {rerun}")
-    columns = split.select_columns(["completion_start", "label", "pair_id", "kl_partner"]).with_format("numpy")[:]
+    # straight from Arrow: datasets' numpy formatter took ~8 s for these four columns at 1M rows
+    columns = {name: split.data.column(name).to_numpy() for name in ("completion_start", "label", "pair_id",
+                                                                       "kl_partner")}
     label = columns["label"].astype(bool)
     pairs = _pairs(columns["pair_id"], label) if spec.needs_pairs else None
     if pairs is not None and len(pairs) == 0:
