@@ -185,8 +185,10 @@ def run(cfg: Recipe, *, data: Path | None = None, out: Path | None = None, force
         del model
     state.wait_for_everyone()
     if state.is_main_process:
-        counts = {name: {"rows": len(split), "tokens": int(sum(len(ids) for ids in split["input_ids"]))}
-                  for name, split in splits.items()}
+        import pyarrow.compute as pc  # token counts from the Arrow list offsets, not a Python list per row
+
+        counts = {name: {"rows": len(split), "tokens": int(pc.sum(pc.list_value_length(
+            split.data.column("input_ids"))).as_py() or 0)} for name, split in splits.items()}
         _assemble(partial, plan, splits, with_kl, out, fingerprint=fingerprint, inputs=inputs,
                   config=cfg.to_dict(), counts=counts, started=started, model=model_name,
                   processes=state.num_processes, shards=len(plan), kl=with_kl)

@@ -372,6 +372,24 @@ def load_tokenizer(
         raise UserError(_load_error_message("tokenizer", name, exc)) from exc
 
 
+def resolve_chat_template(value: str) -> str:
+    """`model.chat_template` -> the Jinja text: a file's content, or the value itself when it is template
+    text (it holds `{{` or `{%`). Anything else names a file that does not exist: a one-line error, rather
+    than a path silently used as the template."""
+    path = Path(value).expanduser()
+    try:
+        if path.is_file():
+            return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"model.chat_template: cannot read {path} ({err})") from None
+    except ValueError:  # a template text too long or odd to be a path
+        pass
+    if "{{" in value or "{%" in value:
+        return value
+    raise UserError(f"model.chat_template: {value!r} is neither an existing file nor Jinja template text "
+                    f"(no '{{{{' or '{{%'); check the path")
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Identity of a tokenizer's behaviour: its serialised backend (or vocab) and special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

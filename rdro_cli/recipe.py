@@ -87,6 +87,10 @@ class DataSection:
     limit: int = _opt(0, "keep at most this many rows per split (0 = all)", check=_non_negative)
     train_split: str = _opt("train", "name of the training split in the source")
     test_split: str = _opt("test", "name of the held-out split in the source")
+    drop_duplicates: bool = _opt(False, "drop exact duplicate rows (kept by default: repeats are legitimate "
+                                        "when feedback was sampled from the reference policy)")
+    num_proc: int = _opt(0, "worker processes for parsing and tokenising (0 = one per CPU core)",
+                         check=_non_negative)
 
 
 @dataclass

@@ -138,7 +138,9 @@ def _load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifes
     if spec.needs_kl and "ref_kl_logps" not in tensors:
         raise UserError(f"{logprobs_dir}: {cfg.loss.name} needs the mismatched-pair reference log-probs "
                         f"(ref_kl_logps), which this logprobs run did not compute; {rerun}")
-    columns = split.select_columns(["completion_start", "label", "pair_id", "kl_partner"]).with_format("numpy")[:]
+    # straight from Arrow: datasets' numpy formatter took ~8 s for these four columns at 1M rows
+    columns = {name: split.data.column(name).to_numpy() for name in ("completion_start", "label", "pair_id",
+                                                                       "kl_partner")}
     label = columns["label"].astype(bool)
     pairs = _pairs(columns["pair_id"], label) if spec.needs_pairs else None
     if pairs is not None and len(pairs) == 0:
@@ -151,20 +153,27 @@ def _load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifes
 
 
 def _pairs(pair_id: np.ndarray, label: np.ndarray) -> np.ndarray:
-    """(chosen row, rejected row) for every pair id with exactly one of each, in pair-id order."""
-    found: dict[int, dict[bool, list[int]]] = {}
-    for row, (pid, lab) in enumerate(zip(pair_id.tolist(), label.tolist(), strict=True)):
-        if pid >= 0:
-            found.setdefault(pid, {True: [], False: []})[lab].append(row)
-    pairs = [(rows[True][0], rows[False][0]) for _, rows in sorted(found.items())
-             if len(rows[True]) == 1 and len(rows[False]) == 1]
-    return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    """(chosen row, rejected row) for every pair id with exactly one of each, in pair-id order (vectorised:
+    a Python loop over a million rows alone took seconds)."""
+    rows = np.flatnonzero(pair_id >= 0)
+    label = label[rows].astype(bool)
+    ids, inverse = np.unique(pair_id[rows], return_inverse=True)
+    n_chosen = np.bincount(inverse[label], minlength=len(ids))
+    n_rejected = np.bincount(inverse[~label], minlength=len(ids))
+    chosen, rejected = np.full(len(ids), -1, dtype=np.int64), np.full(len(ids), -1, dtype=np.int64)
+    chosen[inverse[label]], rejected[inverse[~label]] = rows[label], rows[~label]
+    complete = (n_chosen == 1) & (n_rejected == 1)
+    return np.stack([chosen[complete], rejected[complete]], axis=1).reshape(-1, 2)
 
 
 def _check_vocab(rows: TrainRows, model, data_dir: Path) -> None:
     import pyarrow.compute as pc
 
-    largest = pc.max(pc.list_flatten(rows.ids.data.column("input_ids"))).as_py()
+    # prepare records the largest id; scanning every token instead maps the whole column (GBs at 1M rows)
+    manifest = json.loads((Path(data_dir) / artifacts.MANIFEST).read_text())
+    largest = manifest.get("counts", {}).get("train", {}).get("max_token_id")
+    if largest is None:
+        largest = pc.max(pc.list_flatten(rows.ids.data.column("input_ids"))).as_py()
     vocab = model.get_input_embeddings().num_embeddings
     if largest is not None and largest >= vocab:
         raise UserError(f"{data_dir}: token id {largest} is outside the policy's vocabulary ({vocab}); the data "
@@ -687,8 +696,7 @@ def _load_tokenizer(cfg: Recipe):
     tokenizer = modeling.load_tokenizer(cfg.model.name, revision=cfg.model.revision or None,
                                         trust_remote_code=cfg.model.trust_remote_code)
     if cfg.model.chat_template:  # the template prepare used, saved with the trained model
-        template = Path(cfg.model.chat_template)
-        tokenizer.chat_template = template.read_text() if template.is_file() else cfg.model.chat_template
+        tokenizer.chat_template = modeling.resolve_chat_template(cfg.model.chat_template)
     return tokenizer
 
 
