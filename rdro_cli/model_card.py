@@ -18,6 +18,7 @@ from typing import Any
 
 from rdro_cli import __version__, artifacts
 from rdro_cli.recipe import Recipe
+from rdro_cli.sources import SHORT_NAMES
 
 CARD_FILE = "README.md"
 ARXIV = "2604.04410"
@@ -27,8 +28,6 @@ CITATION = f"""@misc{{rdro,
   archivePrefix = {{arXiv}},
   url           = {{https://arxiv.org/abs/{ARXIV}}},
 }}"""
-# The dataset short names `rdro prepare` accepts (prepare.SHORT_NAMES; tests/test_model_card.py checks they agree).
-DATASET_IDS = {"mix14k": "trl-lib/kto-mix-14k", "ufg": "trl-lib/ultrafeedback-gpt-3.5-turbo-helpfulness"}
 # The loss.* keys each objective reads (train's loss arguments); alpha is recorded as resolved.
 LOSS_KEYS = {"rdro": ("alpha", "weighting"), "ddro": (), "kto": ("beta", "desirable_weight", "undesirable_weight"),
              "bco": ("beta",), "dpo": ("beta",), "pro": ("beta", "pro_alpha", "pro_weighting"),
@@ -50,8 +49,8 @@ def _hub_id(name: str) -> str | None:
 
 
 def _dataset_id(spec: str) -> str | None:
-    if spec in DATASET_IDS:
-        return DATASET_IDS[spec]
+    if spec in SHORT_NAMES:  # the dataset short names `rdro prepare` accepts
+        return SHORT_NAMES[spec]
     if spec == "demo" or Path(spec).suffix in (".jsonl", ".json", ".parquet", ".csv"):
         return None  # the packaged demo set, or a local file that is not there any more
     return _hub_id(spec)

@@ -6,31 +6,21 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import systematic_rows, write_jsonl
 from huggingface_hub import ModelCard
 
-from rdro_cli import model_card, prepare
+from rdro_cli import model_card
 from rdro_cli.recipe import load_recipe
 
 HUB_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load(directory: Path) -> tuple[dict, str]:
     card = ModelCard.load(directory / "README.md")
     return card.data.to_dict(), card.text
-
-
-def test_dataset_short_names_agree_with_prepare():
-    assert model_card.DATASET_IDS == prepare.SHORT_NAMES
 
 
 def test_card_of_a_hub_base_and_dataset_parses_back(tmp_path):

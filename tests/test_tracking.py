@@ -6,20 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import systematic_rows, write_jsonl
 
 from rdro_cli import tracking
 from rdro_cli.errors import UserError
 from rdro_cli.recipe import TRACKERS, RecipeError, load_recipe, recipe_from_dict
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tracker_names_are_accelerates():

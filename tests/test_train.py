@@ -27,13 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 COMMON = ["model.dtype=float32", "train.learning_rate=1e-3", "train.batch_size=8", "train.warmup_ratio=0.1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the tiny models are ~10x faster on one thread than fighting other processes for two cores
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cli(*args):

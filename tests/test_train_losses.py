@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import systematic_rows, write_jsonl
 from typer.testing import CliRunner
 
@@ -18,12 +17,7 @@ from rdro_cli.cli import app
 COMMON = ["model.dtype=float32", "train.learning_rate=1e-3", "train.batch_size=8", "train.warmup_ratio=0.1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cli(*args):

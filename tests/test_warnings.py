@@ -6,7 +6,6 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import torch
 from conftest import systematic_rows, write_jsonl
 
 from rdro_cli.peft_compat import building_peft_model
@@ -18,12 +17,7 @@ def _sets(items):
     return [arg for item in items for arg in ("--set", item)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_merge_and_eval_of_an_adapter_warn_nothing_deprecated(cli, tmp_path, tiny_llama):
