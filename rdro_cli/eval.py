@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rdro_cli import artifacts
+from rdro_cli import artifacts, diskspace
 from rdro_cli.errors import UserError
 from rdro_cli.metrics import auc
 from rdro_cli.modeling import ADAPTER_CONFIG, TOKENIZER_FILES
@@ -563,7 +563,9 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
                "bbh": eval_bbh}
     results = {}
     artifacts.clean_stale(out)
-    with artifacts.atomic_dir(out) as tmp:
+    # eval writes per-example records: a few KiB per example is a generous estimate
+    need = 4096 * sum(_examples(task, payload) for task, payload in payloads.items())
+    with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp:
         for task in tasks:
             extra = {"generator": generator_name(model_name)} if task == "generate" else {}
             results[task] = runners[task](model, tokenizer, payloads[task], cfg, tmp, **extra)

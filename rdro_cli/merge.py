@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from rdro_cli import artifacts
+from rdro_cli import artifacts, diskspace
 from rdro_cli.errors import UserError
 from rdro_cli.modeling import ADAPTER_CONFIG, TOKENIZER_FILES
 from rdro_cli.recipe import Recipe
@@ -190,7 +190,8 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
         merged = peft_model.merge_and_unload()
         n_params = sum(p.numel() for p in merged.parameters())
         artifacts.clean_stale(out)
-        with artifacts.atomic_dir(out) as tmp:
+        need = sum(p.numel() * p.element_size() for p in merged.parameters())
+        with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp:
             merged.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
             if merged.generation_config is not None and not (tmp / "generation_config.json").is_file():
                 merged.generation_config.save_pretrained(tmp)

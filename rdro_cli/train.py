@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rdro_cli import artifacts, losses, modeling
+from rdro_cli import artifacts, diskspace, integrity, losses, modeling
 from rdro_cli.errors import UserError
 from rdro_cli.recipe import Recipe
 
@@ -124,6 +124,12 @@ def _load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifes
     if spec.needs_kl and "ref_kl_logps" not in tensors:
         raise UserError(f"{logprobs_dir}: {cfg.loss.name} needs the mismatched-pair reference log-probs "
                         f"(ref_kl_logps), which this logprobs run did not compute; {rerun}")
+    for key in ("ref_logps", "ref_kl_logps"):
+        bad = integrity.nonfinite_rows(tensors[key]) if key in tensors else []
+        if bad:
+            raise UserError(f"{logprobs_dir}/train.safetensors: {key} is NaN/inf for "
+                            f"{integrity.describe_rows(bad, len(tensors[key]))}; {rerun} (fp16 overflows: "
+                            f"use --set model.dtype=bfloat16 or float32)")
     columns = split.select_columns(["completion_start", "label", "pair_id", "kl_partner"]).with_format("numpy")[:]
     label = columns["label"].astype(bool)
     pairs = _pairs(columns["pair_id"], label) if spec.needs_pairs else None
@@ -337,6 +343,10 @@ def _open_output(out: Path, fingerprint: str, *, resume: bool, force: bool, is_m
     if state.get("fingerprint") != fingerprint:
         raise UserError(f"{checkpoints[-1]}: written by a run with another recipe or other inputs; --resume "
                         f"needs the same settings (or pass --force to start over)")
+    damaged = integrity.checkpoint_problem(checkpoints[-1], STATE_FILE)
+    if damaged:
+        raise UserError(f"{damaged}; delete {checkpoints[-1]} to resume from the checkpoint before it, or pass "
+                        f"--force to start over")
     return checkpoints[-1]
 
 
@@ -371,6 +381,20 @@ def _save_model(session: Session, directory: Path) -> None:
 
 
 def _save_checkpoint(session: Session) -> Path:
+    """Writes checkpoints/step-N; a full disk is one line, and the checkpoints before it stay intact."""
+    final = session.out / "checkpoints" / f"step-{session.state.step:07d}"
+    with diskspace.writing(final, partial(_checkpoint_size, session)):
+        return _write_checkpoint(session)
+
+
+def _checkpoint_size(session: Session) -> int:
+    """The room a checkpoint takes: the last one's size, or trainable weights and two Adam moments."""
+    if session.last_checkpoint is not None:
+        return diskspace.tree_size(session.last_checkpoint)
+    return 3 * sum(p.numel() * p.element_size() for p in session.policy.parameters() if p.requires_grad)
+
+
+def _write_checkpoint(session: Session) -> Path:
     from accelerate.utils import DistributedType, gather_object
 
     accelerator, state = session.accelerator, session.state
@@ -384,11 +408,12 @@ def _save_checkpoint(session: Session) -> Path:
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         accelerator.save_state(str(tmp / "accelerate"))  # sharded optimizer state: every process writes its part
     elif accelerator.is_main_process:
-        torch.save(session.optimizer.state_dict(), tmp / "optimizer.pt")
+        _torch_save(session.optimizer.state_dict(), tmp / "optimizer.pt")
     rng = gather_object([_rng_state()])
     if accelerator.is_main_process:
-        torch.save(session.scheduler.state_dict(), tmp / "scheduler.pt")
-        body = {"fingerprint": session.fingerprint, **vars(state), "rng": rng}
+        _torch_save(session.scheduler.state_dict(), tmp / "scheduler.pt")
+        body = {"fingerprint": session.fingerprint, **vars(state), "rng": rng,
+                integrity.FILES_KEY: integrity.tree_digests(tmp, exclude=(STATE_FILE,))}  # --resume checks them
         (tmp / STATE_FILE).write_text(json.dumps(body))  # last: its presence marks the checkpoint complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -397,6 +422,11 @@ def _save_checkpoint(session: Session) -> Path:
     accelerator.wait_for_everyone()
     session.last_checkpoint = final
     return final
+
+
+def _torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as handle:  # through a file object, so a full disk surfaces as its OSError
+        torch.save(obj, handle)
 
 
 def _restore_checkpoint(session: Session, checkpoint: Path) -> None:
@@ -424,8 +454,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _append_metrics(path: Path, row: dict) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
+    with diskspace.writing(path, 4096), path.open("a", encoding="utf-8") as handle:
+        size = handle.tell()
+        try:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+        except OSError:  # never leave half a row (disk full): cut back to the last whole one
+            handle.truncate(size)
+            raise
 
 
 def _save_final(session: Session, tokenizer) -> Path:
@@ -434,7 +470,8 @@ def _save_final(session: Session, tokenizer) -> Path:
         _save_model(session, final)  # only takes part in gathering the weights
     else:
         artifacts.clean_stale(final)
-        with artifacts.atomic_dir(final) as tmp:
+        need = diskspace.tree_size(session.last_checkpoint / "model") if session.last_checkpoint else None
+        with diskspace.writing(final, need), artifacts.atomic_dir(final) as tmp:
             _save_model(session, tmp)
             tokenizer.save_pretrained(str(tmp))
             (tmp / "recipe.toml").write_text(session.cfg.to_toml(), encoding="utf-8")
