@@ -125,5 +125,5 @@ def run(run_dir: Path) -> None:
     if bad:
         kinds = sorted({r[2] for r in bad})
         raise NotIntact(f"{run_dir}: {len(bad)} of {len([r for r in rows if r[2] != 'temporary'])} artifacts "
-                        f"not intact ({', '.join(kinds)}); see the table above")
+                        f"not intact ({', '.join(k.lower() for k in kinds)}); see the table above")
     print(f"verify: {len(rows)} artifacts intact under {run_dir}", flush=True)
