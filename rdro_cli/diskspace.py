@@ -108,11 +108,13 @@ def writing(path: str | Path, need: int | Callable[[], int | None] | None = None
         raise UserError(message(path, err, estimate)) from None
 
 
-def tree_size(path: str | Path) -> int:
-    """Bytes of the files under `path` (0 if it does not exist)."""
+def tree_size(path: str | Path, *, skip_suffixes: tuple[str, ...] = ()) -> int:
+    """Bytes of the files under `path` (0 if it does not exist), leaving out names with `skip_suffixes`."""
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
+            if name.endswith(skip_suffixes) and skip_suffixes:
+                continue
             with contextlib.suppress(OSError):
                 total += (Path(root) / name).stat().st_size
     return total

@@ -454,11 +454,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _append_metrics(path: Path, row: dict) -> None:
-    with diskspace.writing(path, 4096), path.open("a", encoding="utf-8") as handle:
-        size = handle.tell()
+    line = (json.dumps(row) + "\n").encode()
+    with diskspace.writing(path, 4096), open(path, "ab", buffering=0) as handle:  # unbuffered: we see each write
+        size = handle.seek(0, os.SEEK_END)
         try:
-            handle.write(json.dumps(row) + "\n")
-            handle.flush()
+            written = 0
+            while written < len(line):
+                written += handle.write(line[written:])
         except OSError:  # never leave half a row (disk full): cut back to the last whole one
             handle.truncate(size)
             raise
@@ -470,7 +472,9 @@ def _save_final(session: Session, tokenizer) -> Path:
         _save_model(session, final)  # only takes part in gathering the weights
     else:
         artifacts.clean_stale(final)
-        need = diskspace.tree_size(session.last_checkpoint / "model") if session.last_checkpoint else None
+        # the weights (as the last checkpoint holds them) and the tokenizer files the model came with
+        need = diskspace.tree_size(session.last_checkpoint / "model") + diskspace.tree_size(
+            session.cfg.model.name, skip_suffixes=(".safetensors", ".bin", ".pt")) if session.last_checkpoint else None
         with diskspace.writing(final, need), artifacts.atomic_dir(final) as tmp:
             _save_model(session, tmp)
             tokenizer.save_pretrained(str(tmp))
