@@ -31,10 +31,11 @@ ForceOpt = typer.Option(False, "--force", help="Recompute even if the output exi
 
 
 def _fail(message: str, code: int) -> None:
-    from rich.console import Console
     from rich.markup import escape
 
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    from rdro_cli.progress import console
+
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -55,9 +56,9 @@ def _invoke(stage: str, recipe: Path | None, sets: list[str] | None, flags: dict
     except UserError as err:
         _fail(str(err), err.exit_code)
     except KeyboardInterrupt:
-        from rich.console import Console
+        from rdro_cli.progress import console
 
-        Console(stderr=True).print(f"rdro {stage}: interrupted")
+        console.print(f"rdro {stage}: interrupted")
         raise typer.Exit(130) from None
     except Exception as err:  # disk full anywhere a stage did not wrap: still one line, no traceback
         from rdro_cli import diskspace
@@ -65,6 +66,10 @@ def _invoke(stage: str, recipe: Path | None, sets: list[str] | None, flags: dict
         if not diskspace.is_disk_full(err):
             raise
         _fail(diskspace.message(diskspace.path_of(err) or Path.cwd(), err, None), 2)
+    finally:
+        from rdro_cli.artifacts import release_locks
+
+        release_locks()
     if result is not None:
         print(result)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rdro_cli import artifacts, diskspace
+from rdro_cli import artifacts, diskspace, outputs
 from rdro_cli.errors import UserError
 from rdro_cli.metrics import auc
 from rdro_cli.modeling import ADAPTER_CONFIG, TOKENIZER_FILES
@@ -341,9 +341,9 @@ def _device(model) -> torch.device:
 
 
 def _console():
-    from rich.console import Console
+    from rdro_cli.progress import console
 
-    return Console(stderr=True, highlight=False)
+    return console
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -542,6 +542,9 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     if not tasks:
         raise UserError("no tasks to run: set eval.tasks or pass --tasks (preference, generate, exact_match, bbh)")
     model_name = resolve_model(cfg)
+    outputs.claim(out, "eval", inputs=[*outputs.local_paths(model_name, cfg.eval.exact_match_file, cfg.eval.bbh_dir,
+                                                            cfg.eval.bbh_fewshot_dir, cfg.eval.generate_prompts),
+                                       data or cfg.run_dir / "data", logprobs or cfg.run_dir / "logprobs"])
     inputs = check_model(model_name, cfg)
     payloads = {}
     for task in tasks:
@@ -550,7 +553,7 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     settings = {"eval": dataclasses.asdict(cfg.eval), "dtype": cfg.model.dtype, "model": model_name}
     fingerprint = artifacts.fingerprint_json({"inputs": inputs, "settings": settings})
     if not force and artifacts.is_done(out, fingerprint):
-        print(f"eval: {out} is up to date (use --force to recompute)")
+        _console().print(f"eval: {out} is up to date (use --force to recompute)", soft_wrap=True)
         return out
 
     model, tokenizer = load_eval_model(model_name, cfg)
@@ -562,7 +565,6 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     runners = {"preference": eval_preference, "generate": eval_generate, "exact_match": eval_exact_match,
                "bbh": eval_bbh}
     results = {}
-    artifacts.clean_stale(out)
     # eval writes per-example records: a few KiB per example is a generous estimate
     need = 4096 * sum(_examples(task, payload) for task, payload in payloads.items())
     with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp:

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rdro_cli import artifacts, diskspace, integrity, modeling
+from rdro_cli import artifacts, diskspace, integrity, modeling, outputs
 from rdro_cli.errors import UserError
+from rdro_cli.progress import console
 from rdro_cli.recipe import Recipe
 
 LOSSES_NEEDING_KL = {"kto"}
@@ -86,6 +87,9 @@ def _reusable_partial(partial: Path, fingerprint: str, force: bool) -> bool:
 
 
 def _create_partial(partial: Path, fingerprint: str) -> None:
+    if partial.is_dir() and not (partial / "plan.json").is_file() and any(partial.iterdir()):
+        raise UserError(f"{partial}: holds files rdro did not write (it is where logprobs keeps its shards); "
+                        f"move them away or choose another --out")
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "shards").mkdir(parents=True)
     artifacts.write_text_atomic(partial / "plan.json", json.dumps({"fingerprint": fingerprint}))
@@ -126,8 +130,10 @@ def run(cfg: Recipe, *, data: Path | None = None, out: Path | None = None, force
     state = PartialState(cpu=not torch.cuda.is_available())
     data = Path(data or cfg.run_dir / "data")
     out = Path(out or cfg.run_dir / "logprobs")
-    data_manifest = artifacts.require_input(data, "prepare", rerun="rdro prepare")
     model_name = cfg.model.ref_name or cfg.model.name
+    outputs.claim(out, "logprobs", inputs=[data, *outputs.local_paths(model_name)], is_main=state.is_main_process,
+                  share=outputs.broadcast_from_main(state))
+    data_manifest = artifacts.require_input(data, "prepare", rerun="rdro prepare")
     if not model_name:
         raise UserError("no reference model: pass --model or set model.ref_name / model.name")
     tokenizer = modeling.load_tokenizer(model_name, revision=cfg.model.revision or None,
@@ -141,7 +147,7 @@ def run(cfg: Recipe, *, data: Path | None = None, out: Path | None = None, force
     fingerprint = artifacts.fingerprint_json({"inputs": inputs, "settings": settings})
     if not force and artifacts.is_done(out, fingerprint):
         if state.is_main_process:
-            print(f"logprobs: {out} is up to date (use --force to recompute)")
+            console.print(f"logprobs: {out} is up to date (use --force to recompute)", soft_wrap=True)
         return out
 
     partial = out.with_name(out.name + ".partial")
@@ -189,7 +195,7 @@ def run(cfg: Recipe, *, data: Path | None = None, out: Path | None = None, force
                 tmp = shard.with_name(f".{shard.name}.tmp")
                 with diskspace.writing(shard, sum(t.numel() * 4 for t in tensors.values()) + 1024):
                     save_file(tensors, str(tmp))
-                tmp.replace(shard)  # a shard exists only when complete
+                artifacts.publish_file(tmp, shard)  # a shard exists only when complete, and durably
         del model
     state.wait_for_everyone()
     if state.is_main_process:
@@ -198,6 +204,6 @@ def run(cfg: Recipe, *, data: Path | None = None, out: Path | None = None, force
         _assemble(partial, plan, splits, with_kl, out, fingerprint=fingerprint, inputs=inputs,
                   config=cfg.to_dict(), counts=counts, started=started, model=model_name,
                   processes=state.num_processes, shards=len(plan), kl=with_kl)
-        print(f"logprobs: wrote {', '.join(f'{n}.safetensors' for n in splits)} to {out}", flush=True)
+        console.print(f"logprobs: wrote {', '.join(f'{n}.safetensors' for n in splits)} to {out}", soft_wrap=True)
     state.wait_for_everyone()
     return out

@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from rdro_cli import artifacts, diskspace
+from rdro_cli import artifacts, diskspace, outputs
 from rdro_cli.errors import UserError
 from rdro_cli.modeling import ADAPTER_CONFIG, TOKENIZER_FILES
 from rdro_cli.recipe import Recipe
@@ -29,9 +29,9 @@ PROVENANCE_FILES = ("recipe.toml",)
 
 
 def _console():
-    from rich.console import Console
+    from rdro_cli.progress import console
 
-    return Console(stderr=True, highlight=False)
+    return console
 
 
 def read_adapter_config(adapter: Path) -> dict:
@@ -161,6 +161,7 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
                              f"nothing to merge, use it as it is")
             return adapter
         raise UserError(f"{adapter}: neither a LoRA adapter ({ADAPTER_CONFIG}) nor a model (config.json)")
+    outputs.claim(out, "merge", inputs=[adapter, *outputs.local_paths(cfg.model.name)])
 
     from rdro_cli import modeling
 
@@ -176,7 +177,7 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
     dtype = _merge_dtype(cfg, base_config)
     fingerprint = artifacts.fingerprint_json({"inputs": inputs, "dtype": dtype})
     if not force and artifacts.is_done(out, fingerprint):
-        print(f"merge: {out} is up to date (use --force to recompute)")
+        _console().print(f"merge: {out} is up to date (use --force to recompute)", soft_wrap=True)
         return out
 
     from peft import PeftModel
@@ -189,7 +190,6 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
         merged_modules = sum(1 for name, _ in peft_model.named_modules() if name.endswith(".lora_A"))
         merged = peft_model.merge_and_unload()
         n_params = sum(p.numel() for p in merged.parameters())
-        artifacts.clean_stale(out)
         need = sum(p.numel() * p.element_size() for p in merged.parameters())
         with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp:
             merged.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)

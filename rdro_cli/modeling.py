@@ -342,7 +342,7 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     name = str(name_or_path)
-    _require_reachable(name)
+    _require_reachable(name, TOKENIZER_FILES)
     try:
         return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -383,7 +383,7 @@ def load_model(
     hf_logging.disable_progress_bar()  # rdro draws its own progress; a per-load bar is noise in logs
     name = str(name_or_path)
     torch_dtype = _resolve_dtype(dtype, device)
-    _require_reachable(name)
+    _require_reachable(name, ("config.json",))
     local = Path(name).expanduser()
     if local.is_dir() and not allow_pickle and not any(local.glob("*.safetensors")):
         if any(p for pattern in PICKLE_WEIGHT_PATTERNS for p in local.glob(pattern)):
@@ -427,9 +427,13 @@ def _hub_offline() -> bool:
     }
 
 
-def _require_reachable(name: str) -> None:
+def _require_reachable(name: str, needs: tuple[str, ...] = ()) -> None:
+    """A local directory that holds one of `needs`, or a name that can be a hub id; else a one-line error."""
     path = Path(name).expanduser()
     if path.is_dir():
+        if needs and not any((path / f).is_file() for f in needs):
+            raise UserError(f"{name}: not a model directory (none of {', '.join(needs)}); pass the directory "
+                            f"a model was saved to with save_pretrained, or a hub id")
         return
     if path.exists():
         raise UserError(f"model path {name!r} is a file; pass the directory that holds config.json")

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rdro_cli import artifacts, modeling
+from rdro_cli import artifacts, modeling, outputs
 from rdro_cli.errors import UserError
+from rdro_cli.progress import console
 from rdro_cli.recipe import Recipe
 
 SHORT_NAMES = {
@@ -334,6 +335,7 @@ def _load_tokenizer(cfg: Recipe):
 def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
     started = time.time()
     out = Path(out or cfg.run_dir / "data")
+    outputs.claim(out, "prepare", inputs=outputs.local_paths(cfg.data.dataset, cfg.model.name, cfg.model.chat_template))
     rows, source_fp = read_source(cfg.data.dataset)
     splits = _split_rows(rows, cfg)
     parsed = {"train": parse_split(splits["train"]), "test": parse_split(splits["test"], len(splits["train"]))}
@@ -357,7 +359,7 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
                                                       "limit", "train_split", "test_split")}
     fingerprint = artifacts.fingerprint_json({"inputs": inputs, "config": data_config})
     if not force and artifacts.is_done(out, fingerprint):
-        print(f"prepare: {out} is up to date (use --force to recompute)")
+        console.print(f"prepare: {out} is up to date (use --force to recompute)", soft_wrap=True)
         return out
 
     import datasets
@@ -387,7 +389,6 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
     if counts["train"]["preferred"] in (0, counts["train"]["rows"]):
         raise UserError(f"{cfg.data.dataset}: after truncation the training split has only one label")
 
-    artifacts.clean_stale(out)
     with artifacts.atomic_dir(out) as tmp:
         features = datasets.Features({
             "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -413,7 +414,6 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
 
 
 def _print_summary(out: Path, counts: dict, preferred_fraction: float) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"prepare -> {out}")
@@ -424,5 +424,5 @@ def _print_summary(out: Path, counts: dict, preferred_fraction: float) -> None:
         table.add_row(name, str(c["rows"]), str(c["preferred"]), str(c["non_preferred"]), str(c["pairs"]),
                       str(c["dropped_empty_completion"]), str(c["truncated_prompt"] + c["truncated_completion"]),
                       str(c["boundary_mismatch"]), f"{c['length_p50']:.0f}", str(c["length_max"]))
-    Console(stderr=True).print(table)
-    Console(stderr=True).print(f"preferred fraction (train): {preferred_fraction:.4f}")
+    console.print(table)
+    console.print(f"preferred fraction (train): {preferred_fraction:.4f}")

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rdro_cli import artifacts, diskspace, integrity, losses, modeling
+from rdro_cli import artifacts, diskspace, integrity, losses, modeling, outputs
 from rdro_cli.errors import UserError
 from rdro_cli.recipe import Recipe
 
@@ -48,6 +48,8 @@ METRICS_FILE = "metrics.jsonl"
 # train.* keys that do not change the trained weights: a run may resume with different values
 NOT_IN_FINGERPRINT = {"save_every", "keep_checkpoints", "log_every", "tensorboard", "gradient_checkpointing",
                       "chunk_size", "max_tokens_per_batch"}
+# train.* keys that only say how long to train: they may grow on --resume (see _open_output)
+LENGTH_KEYS = {"max_steps", "epochs"}
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -189,6 +191,7 @@ class Session:
     loss_kwargs: dict
     out: Path
     fingerprint: str
+    identity: dict
     units_per_micro: int
     steps_per_epoch: int
     total_steps: int
@@ -196,13 +199,34 @@ class Session:
     last_checkpoint: Path | None = None
 
 
-def _fingerprint(cfg: Recipe, inputs: dict, processes: int) -> str:
+def _identity(cfg: Recipe, inputs: dict, processes: int) -> dict:
+    """What decides the weights of every step trained so far (not how many steps there will be)."""
     config = cfg.to_dict()
-    train = {k: v for k, v in config["train"].items() if k not in NOT_IN_FINGERPRINT}
+    train = {k: v for k, v in config["train"].items() if k not in NOT_IN_FINGERPRINT | LENGTH_KEYS}
     lora = config["lora"] if cfg.lora.enabled else {"enabled": False}
     model = {k: config["model"][k] for k in ("name", "revision", "dtype")}
-    return artifacts.fingerprint_json({"inputs": inputs, "model": model, "loss": config["loss"], "train": train,
-                                       "lora": lora, "processes": processes})
+    return {"inputs": inputs, "model": model, "loss": config["loss"], "train": train, "lora": lora,
+            "processes": processes}
+
+
+def _fingerprint(identity: dict) -> str:
+    return artifacts.fingerprint_json(identity)
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every dotted key whose value differs between two identities."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            name = f"{prefix}{key}"
+            if name.startswith("inputs."):  # fingerprints: say what changed, not the hashes
+                found.append(f"{name} (another {name.split('.', 1)[1]} than the run was started with)")
+            else:
+                found.append(f"{name}: {a!r} -> {b!r}")
+    return found
 
 
 def _make_accelerator(cfg: Recipe):
@@ -317,32 +341,60 @@ def _complete_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def _open_output(out: Path, fingerprint: str, *, resume: bool, force: bool, is_main: bool):
-    """"done", None (start fresh) or the checkpoint to resume from; refuses to mix runs."""
+def _start_fresh(out: Path, is_main: bool) -> None:
+    if is_main and out.exists():  # `outputs.claim` made sure `out` holds nothing but a train run of rdro's
+        shutil.rmtree(out)
+
+
+def _refuse_other_run(where: Path, recorded: dict | None, identity: dict, what: str) -> None:
+    if recorded is None:  # written before rdro recorded it: only the fingerprint is known
+        raise UserError(f"{where}: {what} with another recipe or other inputs; --resume needs the same "
+                        f"settings (or pass --force to start over)")
+    changed = _differences(recorded, identity)
+    raise UserError(f"{where}: {what} with other settings; --resume cannot change "
+                    f"{'; '.join(changed)} (only train.max_steps/epochs upward, logging, checkpoint cadence "
+                    f"and trackers may change); restore them, or pass --force to start over")
+
+
+def _open_output(out: Path, identity: dict, total_steps: int, *, resume: bool, force: bool, is_main: bool):
+    """"done", None (start fresh) or the checkpoint to resume from; refuses to mix runs.
+
+    A resumed run may train longer (train.max_steps / epochs upward) and change what does not touch the
+    weights (logging, checkpoint cadence, trackers); anything else is refused, naming every key that differs.
+    """
+    fingerprint = _fingerprint(identity)
     manifest = artifacts.read_manifest(out)
     if force:
-        if is_main:
-            shutil.rmtree(out, ignore_errors=True)
+        _start_fresh(out, is_main)
         return None
-    if manifest is not None:
-        if manifest.get("fingerprint") == fingerprint:
-            return "done"
-        raise UserError(f"{out}: holds a finished training run of another recipe or other inputs; pass --force "
-                        f"to replace it, or choose another --out")
     checkpoints = _complete_checkpoints(out)
-    if not resume:
-        if out.is_dir() and any(out.iterdir()):
+    if manifest is not None:
+        trained = manifest.get("counts", {}).get("steps")
+        if manifest.get("fingerprint") != fingerprint:
+            _refuse_other_run(out, manifest.get("identity"), identity, "holds a finished training run")
+        if trained == total_steps:
+            return "done"
+        if not resume:
+            raise UserError(f"{out}: holds a finished run of {trained} steps and {total_steps} are asked for; "
+                            f"pass --resume to continue it, or --force to start over")
+        if is_main:  # training on: the run is unfinished again until its new manifest
+            (out / artifacts.MANIFEST).unlink()
+            artifacts.fsync_dir(out)
+    elif not resume:
+        if out.is_dir() and (checkpoints or (out / METRICS_FILE).exists()):
             raise UserError(f"{out}: holds an unfinished training run; pass --resume to continue it or --force "
                             f"to start over")
+        _start_fresh(out, is_main)
         return None
     if not checkpoints:
-        if is_main:
-            shutil.rmtree(out, ignore_errors=True)  # nothing to continue from: a run killed before step 1
+        _start_fresh(out, is_main)  # nothing to continue from: a run killed before its first checkpoint
         return None
     state = json.loads((checkpoints[-1] / STATE_FILE).read_text())
     if state.get("fingerprint") != fingerprint:
-        raise UserError(f"{checkpoints[-1]}: written by a run with another recipe or other inputs; --resume "
-                        f"needs the same settings (or pass --force to start over)")
+        _refuse_other_run(checkpoints[-1], state.get("identity"), identity, "was written by a run")
+    if state["step"] > total_steps:
+        raise UserError(f"{checkpoints[-1]}: the run has trained {state['step']} steps, more than the "
+                        f"{total_steps} asked for; --resume can only train longer (raise train.max_steps)")
     damaged = integrity.checkpoint_problem(checkpoints[-1], STATE_FILE)
     if damaged:
         raise UserError(f"{damaged}; delete {checkpoints[-1]} to resume from the checkpoint before it, or pass "
@@ -412,11 +464,15 @@ def _write_checkpoint(session: Session) -> Path:
     rng = gather_object([_rng_state()])
     if accelerator.is_main_process:
         _torch_save(session.scheduler.state_dict(), tmp / "scheduler.pt")
-        body = {"fingerprint": session.fingerprint, **vars(state), "rng": rng,
+        body = {"fingerprint": session.fingerprint, "identity": session.identity, **vars(state), "rng": rng,
                 integrity.FILES_KEY: integrity.tree_digests(tmp, exclude=(STATE_FILE,))}  # --resume checks them
         (tmp / STATE_FILE).write_text(json.dumps(body))  # last: its presence marks the checkpoint complete
+        artifacts.fsync_tree(tmp)
+        if (session.out / METRICS_FILE).is_file():  # the rows up to this step survive a crash with it
+            artifacts.fsync_file(session.out / METRICS_FILE)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        artifacts.fsync_dir(final.parent)
         for old in _complete_checkpoints(session.out)[: -session.cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -471,7 +527,6 @@ def _save_final(session: Session, tokenizer) -> Path:
     if not session.accelerator.is_main_process:
         _save_model(session, final)  # only takes part in gathering the weights
     else:
-        artifacts.clean_stale(final)
         # the weights (as the last checkpoint holds them) and the tokenizer files the model came with
         need = diskspace.tree_size(session.last_checkpoint / "model") + diskspace.tree_size(
             session.cfg.model.name, skip_suffixes=(".safetensors", ".bin", ".pt")) if session.last_checkpoint else None
@@ -673,15 +728,12 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     # validate inputs
     data_manifest, logprobs_manifest = _read_inputs(cfg, data_dir, logprobs_dir, spec)
     accelerator = _make_accelerator(cfg)
+    outputs.claim(out, "train", inputs=[data_dir, logprobs_dir, *outputs.local_paths(cfg.model.name)],
+                  is_main=accelerator.is_main_process, share=outputs.broadcast_from_main(accelerator))
     inputs = {"data": data_manifest["fingerprint"], "logprobs": logprobs_manifest["fingerprint"],
               "model": modeling.model_fingerprint(cfg.model.name, revision=cfg.model.revision or None)}
-    fingerprint = _fingerprint(cfg, inputs, accelerator.num_processes)
-    checkpoint = _open_output(out, fingerprint, resume=resume, force=force, is_main=accelerator.is_main_process)
-    if checkpoint == "done":
-        if accelerator.is_main_process:
-            console.print(f"train: {out} is up to date (use --force to retrain)", soft_wrap=True)
-        return out
-    accelerator.wait_for_everyone()
+    identity = _identity(cfg, inputs, accelerator.num_processes)
+    fingerprint = _fingerprint(identity)
     rows = _load_rows(cfg, data_dir, logprobs_dir, logprobs_manifest, spec)
     preferred_fraction = data_manifest.get("preferred_fraction")
     alpha = _resolve_alpha(cfg, preferred_fraction)
@@ -689,6 +741,13 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     steps_per_epoch, total_steps = _schedule(
         cfg, rows.units(), units_per_micro * accelerator.num_processes * cfg.train.gradient_accumulation_steps,
         data_dir)
+    checkpoint = _open_output(out, identity, total_steps, resume=resume, force=force,
+                              is_main=accelerator.is_main_process)
+    if checkpoint == "done":
+        if accelerator.is_main_process:
+            console.print(f"train: {out} is up to date (use --force to retrain)", soft_wrap=True)
+        return out
+    accelerator.wait_for_everyone()
     tensorboard = _open_tensorboard(cfg, out, accelerator.is_main_process)
 
     # set up: policy, optimizer, schedule
@@ -712,12 +771,12 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
         optimizer, partial(_lr_factor, warmup=warmup, total=total_steps, kind=cfg.train.lr_scheduler))
     session = Session(cfg=cfg, accelerator=accelerator, policy=policy, optimizer=optimizer, scheduler=scheduler,
                       rows=rows, spec=spec, loss_kwargs=_static_loss_kwargs(cfg, alpha, preferred_fraction),
-                      out=out, fingerprint=fingerprint, units_per_micro=units_per_micro,
+                      out=out, fingerprint=fingerprint, identity=identity, units_per_micro=units_per_micro,
                       steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     if isinstance(checkpoint, Path):
         _restore_checkpoint(session, checkpoint)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        outputs.mark_stage(out, "train")  # first write: from here on `out` is recognisably a train run
         for stale in (out / "checkpoints").glob("*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         _truncate_metrics(out / METRICS_FILE, session.state.step)
@@ -744,7 +803,7 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
                   * cfg.train.gradient_accumulation_steps}
         artifacts.write_manifest(out, stage="train", fingerprint=fingerprint, inputs=inputs, config=cfg.to_dict(),
                                  counts=counts, started=started, final=str(final), loss=cfg.loss.name, alpha=alpha,
-                                 lora=cfg.lora.enabled)
+                                 lora=cfg.lora.enabled, identity=identity)
         console.print(f"train: {session.state.step} steps of {cfg.loss.name} -> {final}", soft_wrap=True)
     accelerator.wait_for_everyone()
     return out

@@ -164,9 +164,9 @@ def test_preference_of_the_reference_itself_is_zero(cli, run_dir, tiny_llama, tm
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "eval" and {"model", "data", "logprobs"} <= set(manifest["inputs"])
 
-    code, stdout, _ = cli("eval", "--model", tiny_llama, "--tasks", "preference", "--data", run_dir / "data",
-                          "--logprobs", run_dir / "logprobs", "--out", out, *FP32)
-    assert code == 0 and "up to date" in stdout
+    code, stdout, stderr = cli("eval", "--model", tiny_llama, "--tasks", "preference", "--data", run_dir / "data",
+                               "--logprobs", run_dir / "logprobs", "--out", out, *FP32)
+    assert code == 0 and "up to date" in stderr and stdout == f"{out}\n"  # stdout: only the path
 
 
 def test_preference_on_paired_data_and_limit(cli, tmp_path, tiny_llama):

@@ -66,7 +66,7 @@ def test_merged_model_equals_adapter_model(cli, tmp_path, request, arch):
     assert manifest["counts"]["lora_modules"] == 2 * len(TARGETS)
 
     code, stdout, stderr = cli("merge", "--adapter", adapter, "--out", out)
-    assert code == 0 and "up to date" in stdout
+    assert code == 0 and "up to date" in stderr and stdout == f"{out}\n"  # stdout: only the path
 
 
 def test_default_paths_from_the_run_dir_and_sharded_output(tmp_path, tiny_llama, monkeypatch):

@@ -102,7 +102,7 @@ def test_rdro_learns_the_systematic_preference_on_the_test_split(systematic_run,
     assert code == 0, err
     assert stdout.strip().splitlines()[-1] == str(out)
     assert (out / "manifest.json").is_file() and not list(tmp_path.glob("train*.tmp-*"))
-    assert {p.name for p in out.iterdir()} == {"metrics.jsonl", "checkpoints", "final", "manifest.json"}
+    assert {p.name for p in out.iterdir()} == {".rdro-stage", "metrics.jsonl", "checkpoints", "final", "manifest.json"}
     assert {"model.safetensors", "config.json", "recipe.toml", "tokenizer.json"} <= {
         p.name for p in (out / "final").iterdir()}
 
@@ -244,8 +244,36 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(systematic_run,
     # --resume with another recipe is refused
     shutil.rmtree(out / "final")
     (out / "manifest.json").unlink()
-    code, _, err = _train(systematic_run, out, tiny_llama, *LORA, "train.learning_rate=2e-3", flags=["--resume"])
-    assert code == 2 and "another recipe" in err
+    code, _, err = _train(systematic_run, out, tiny_llama, *LORA, "train.learning_rate=2e-3", "train.seed=7",
+                          flags=["--resume"])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    lr = next(v.split("=")[1] for v in COMMON if v.startswith("train.learning_rate="))
+    assert f"train.learning_rate: {float(lr)!r} -> 0.002" in err and "train.seed: 42 -> 7" in err
+
+
+def test_resume_may_train_longer_and_change_cadence_but_nothing_else(systematic_run, tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = _train(systematic_run, out, tiny_llama, *LORA)
+    assert code == 0, err
+    first = _metrics(out)
+    # a finished run asked for more steps: without --resume refused (naming --resume), with it continued
+    longer = [*LORA, "train.max_steps=12", "train.log_every=1", "train.save_every=3", "train.keep_checkpoints=3"]
+    code, _, err = _train(systematic_run, out, tiny_llama, *longer)
+    assert code == 2 and "finished run of 8 steps and 12 are asked for" in err and "--resume" in err
+    code, _, err = _train(systematic_run, out, tiny_llama, *longer, flags=["--resume"])
+    assert code == 0, err
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 13)) and rows[:8] == first
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["steps"] == 12 and manifest["config"]["train"]["max_steps"] == 12
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000008", "step-0000009",
+                                                                       "step-0000012"]
+    code, _, err = _train(systematic_run, out, tiny_llama, *longer)  # same request again: up to date
+    assert code == 0 and "up to date" in err
+    # fewer steps than trained: refused on --resume
+    (out / "manifest.json").unlink()
+    code, _, err = _train(systematic_run, out, tiny_llama, *LORA, flags=["--resume"])
+    assert code == 2 and "trained 12 steps, more than the 8 asked for" in err
 
 
 def test_non_finite_loss_stops_naming_the_step(systematic_run, tiny_llama, tmp_path, monkeypatch):

@@ -132,7 +132,58 @@ CASES = [
                                                 "--logprobs", "{run}/logprobs", "--out", "{tmp}/out"],
      "no tokenizer files"),
     ("report-missing-run", lambda t: ["report", "--run", t / "no-run", "--out", "{tmp}/out"], "no-run"),
+    # outputs: rdro never replaces what it did not write (each of these deleted or replaced data before)
+    ("out-is-a-file", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{llama}", "--out",
+                                         _file(t, "notes.txt", "keep me")), "is a file, not an rdro prepare output"),
+    ("out-is-a-foreign-dir", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{llama}", "--out",
+                                                _dir_with(t, "mine", "important.txt")),
+     "holds files rdro did not write (important.txt)"),
+    ("prepare-out-is-the-whole-run", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{llama}", "--out", "{run}"),
+     "is a run directory holding rdro artifacts"),
+    ("logprobs-out-is-its-data", lambda t: ["logprobs", "--data", "{run}/data", "--model", "{llama}", "--out",
+                                            "{run}/data"], "is an input of this command"),
+    ("logprobs-out-contains-its-data", lambda t: ["logprobs", "--data", "{run}/data", "--model", "{llama}",
+                                                  "--out", "{run}"], "contains {run}/data, an input"),
+    ("eval-out-is-the-model", lambda t: ["eval", "--model", "{llama}", "--data", "{run}/data", "--logprobs",
+                                         "{run}/logprobs", "--out", "{llama}"], "is an input of this command"),
+    ("merge-out-is-the-adapter", lambda t: ["merge", "--adapter", "{run}/train/final", "--out", "{run}/train/final"],
+     "is an input of this command"),
+    ("train-out-is-a-prepare-artifact", lambda t: ["train", "--data", "{run}/data", "--logprobs", "{run}/logprobs",
+                                                   "--model", "{llama}", "--out", "{other_data}", "--force"],
+     "holds an rdro prepare artifact, not a train output"),
+    ("out-inside-an-artifact", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{llama}", "--out",
+                                                  "{run}/logprobs/data"), "an rdro logprobs artifact"),
+    ("out-dot", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{llama}", "--out", "."),
+     "not an output directory rdro can create"),
+    ("out-dotdot", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{llama}", "--out", ".."),
+     "not an output directory rdro can create"),
+    ("out-root", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{llama}", "--out", "/"),
+     "not an output directory rdro can create"),
+    ("out-symlink", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{llama}", "--out",
+                                       _link(t, "link", _dir_with(t, "real"))), "is a symbolic link"),
+    ("out-unwritable", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{llama}", "--out", "/sys/rdro-out"),
+     "/sys/rdro-out: cannot write there"),
+    ("out-under-a-file", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{llama}", "--out",
+                                            _file(t, "notes.txt", "keep me") / "data"), "cannot write there"),
+    ("model-dir-not-a-model", lambda t: ["logprobs", "--data", "{run}/data", "--model", _dir_with(t, "m", "x.txt"),
+                                         "--out", "{tmp}/out"], "not a model directory"),
+    ("prepare-model-dir-not-a-model", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", _dir_with(t, "m", "x.txt")),
+     "not a model directory"),
 ]
+
+
+def _dir_with(tmp: Path, name: str, *files: str) -> Path:
+    path = tmp / name
+    path.mkdir()
+    for file in files:
+        (path / file).write_text("the user's own file")
+    return path
+
+
+def _link(tmp: Path, name: str, target: Path) -> Path:
+    link = tmp / name
+    link.symlink_to(target)
+    return link
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +228,8 @@ def _tree(path: Path) -> set[str]:
     return {str(p.relative_to(path)) for p in path.rglob("*")}
 
 
-def test_the_table_has_at_least_25_cases():
-    assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
+def test_the_table_has_at_least_55_cases():
+    assert len(CASES) >= 55 and len({c[0] for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("name,build,message", CASES, ids=[c[0] for c in CASES])
@@ -186,15 +237,20 @@ def test_bad_input_exits_2_with_one_line(cli, tmp_path, places, name, build, mes
     if name == "eval-bbh-wrong-shape":
         (tmp_path / "bbh").mkdir()
         (tmp_path / "bbh" / "date.json").write_text(json.dumps({"examples": [{"question": "?", "answer": "a"}]}))
-    args = [str(a).format(tmp=tmp_path, **places) for a in build(tmp_path)]
+    places = {**places, "tmp": tmp_path}
+    args = [str(a).format(**places) for a in build(tmp_path)]
+    for key, value in places.items():  # not str.format: messages hold braces of their own
+        message = message.replace(f"{{{key}}}", str(value))
     watched = [tmp_path, places["run"]]
     before = [_tree(p) for p in watched]
+    contents = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     code, stdout, stderr = cli(*args)
     assert code == 2, (name, code, stdout, stderr)
     assert message in stderr, (name, stderr)
     assert len(stderr.strip().splitlines()) == 1, (name, stderr)
     assert "Traceback" not in stdout + stderr
     assert [_tree(p) for p in watched] == before, f"{name}: wrote files"
+    assert {p: p.read_bytes() for p in contents} == contents, f"{name}: changed a file"
 
 
 JSON_VALUES = st.recursive(
