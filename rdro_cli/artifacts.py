@@ -201,6 +201,9 @@ def read_manifest(directory: Path) -> dict | None:
 def require_input(directory: Path, stage: str, *, rerun: str | None = None) -> dict:
     """The manifest of a finished upstream stage, or a one-line error naming what to run."""
     directory = Path(directory)
+    if not directory.exists():  # a crash between the two renames of a replacement: the old one is the input
+        with contextlib.suppress(OSError):  # another reader may be restoring it right now
+            recover(directory)
     damaged = integrity.manifest_problem(directory)
     if damaged:
         raise UserError(f"{damaged}; re-run `rdro {stage}` with --force")
