@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 from rdro_cli import integrity
@@ -126,4 +127,4 @@ def run(run_dir: Path) -> None:
         kinds = sorted({r[2] for r in bad})
         raise NotIntact(f"{run_dir}: {len(bad)} of {len([r for r in rows if r[2] != 'temporary'])} artifacts "
                         f"not intact ({', '.join(k.lower() for k in kinds)}); see the table above")
-    print(f"verify: {len(rows)} artifacts intact under {run_dir}", flush=True)
+    print(f"verify: {len(rows)} artifacts intact under {run_dir}", file=sys.stderr, flush=True)
