@@ -566,7 +566,7 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
                "bbh": eval_bbh}
     results = {}
     # eval writes per-example records: a few KiB per example is a generous estimate
-    need = 4096 * sum(_examples(task, payload) for task, payload in payloads.items())
+    need = 4096 * sum(_examples(task, payload) for task, payload in payloads.items()) + 16384  # + manifest
     with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp:
         for task in tasks:
             extra = {"generator": generator_name(model_name)} if task == "generate" else {}
