@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rdro_cli import artifacts, modeling, outputs
+from rdro_cli import artifacts, diskspace, modeling, outputs
 from rdro_cli.errors import UserError
 from rdro_cli.progress import console
 from rdro_cli.recipe import Recipe
@@ -389,7 +389,9 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
     if counts["train"]["preferred"] in (0, counts["train"]["rows"]):
         raise UserError(f"{cfg.data.dataset}: after truncation the training split has only one label")
 
-    with artifacts.atomic_dir(out) as tmp:
+    # int32 ids, and the texts beside them take about as much again
+    need = 8 * sum(len(ids) for cols in columns.values() for ids in cols["input_ids"]) + 65536
+    with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp:
         features = datasets.Features({
             "input_ids": datasets.Sequence(datasets.Value("int32")),
             "completion_start": datasets.Value("int32"), "label": datasets.Value("bool"),

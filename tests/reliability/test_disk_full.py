@@ -131,6 +131,21 @@ def _same_tensors(a: Path, b: Path) -> None:
         assert (left[name] - right[name]).abs().max().item() <= 1e-6, name
 
 
+def test_prepare_under_a_limit_is_one_line_then_equal_to_the_reference(world, tmp_path):
+    """Not one of the 12 points the issue asks for (those start at logprobs): the data Arrow file."""
+    import datasets
+
+    out = tmp_path / "data"
+    args = ["prepare", "--dataset", world["root"] / "rows.jsonl", "--model", world["model"], "--out", out]
+    done = subprocess.run([RDRO, *map(str, args)], env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limited(world["sizes"]["data/train/data-00000-of-00001.arrow"] - 1))
+    print("\nprepare, the Arrow file:", _assert_one_line_disk_error(done.returncode, done.stderr, out))
+    assert not out.exists()
+    _in_process(*args)
+    assert datasets.load_from_disk(str(out))["train"].to_dict() == \
+        datasets.load_from_disk(str(world["data"]))["train"].to_dict()
+
+
 def test_logprobs_under_three_limits_then_identical_bytes(world, tmp_path):
     shard = _shard_size(8)
     plan = len(json.dumps({"fingerprint": "0" * 64}))
