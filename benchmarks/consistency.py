@@ -24,7 +24,11 @@ once on the population itself (column n=inf: every row weighted by its probabili
 where it heads with unlimited data. A reference row fits maximum likelihood on the preferred rows
 alone ("sft+"), the plain consistent estimator of p+ that ignores pi_ref and the rejected rows.
 
-    .venv/bin/python benchmarks/consistency.py            # full study, about 3.5 CPU-minutes, one core
+Issue 14 adds PRO, KLDO, the BPO family and preference MLE (pair losses on the DPO pairs), each with the
+population optimum derived on paper (``predicted_tv``; docs/losses.md) printed next to its measured TV.
+The pair losses' population fits (213,744 weighted pairs) dominate the cost.
+
+    .venv/bin/python benchmarks/consistency.py            # full study (15 methods): long, see docs/losses.md
     .venv/bin/python benchmarks/consistency.py --quick    # a smoke run
 """
 
@@ -50,15 +54,25 @@ from rdro_cli.losses import (  # noqa: E402
     bco_update_delta,
     ddro_loss,
     dpo_loss,
+    kldo_loss,
+    kldo_update_ema,
     kto_loss,
     kto_ref_point,
+    pro_loss,
     rdro_loss,
     resolve_alpha,
 )
+from rdro_cli.losses_pairs import BPO_DIVERGENCES, bpo_loss, pmle_loss  # noqa: E402
 
-METHODS = ("rdro-balanced", "rdro-batch", "ddro", "kto", "bco", "dpo", "sft+")
+NEW_METHODS = ("pro", "kldo", *(f"bpo-{d}" for d in BPO_DIVERGENCES), "pmle")  # issue 14
+METHODS = ("rdro-balanced", "rdro-batch", "ddro", "kto", "bco", "dpo", *NEW_METHODS, "sft+")
+PAIR_METHODS = ("dpo", *(f"bpo-{d}" for d in BPO_DIVERGENCES), "pmle")
 DEFAULT_NS = (250, 1000, 4000, 16000)
-BETA = 0.1  # KTO, BCO and DPO at their usual default
+BETA = 0.1  # KTO, BCO, DPO, PRO, KLDO and BPO at their usual default
+PRO_ALPHA = 2.5  # PRO's regulariser weight (its default)
+BPO_LAM = 1.0  # lambda of bpo-ba and bpo-sba
+KLDO_RATE = 0.1  # KLDO's moving-average rate
+PMLE_GAMMA = 5e-3  # preference MLE's gamma (its default)
 
 
 @dataclass
@@ -193,7 +207,7 @@ def fit(task: Task, data: Data, method: str, iters: int, lr: float) -> dict[str,
     alpha = resolve_alpha("auto", preferred_fraction)
     logits = task.ref_logp.clone().requires_grad_()
     optimizer = torch.optim.Adam([logits], lr=lr)
-    delta, steps = 0.0, 0
+    delta, steps, ema = 0.0, 0, 0.0
     max_logratio, max_grad_norm = -math.inf, 0.0
 
     for _ in range(iters):
@@ -215,10 +229,22 @@ def fit(task: Task, data: Data, method: str, iters: int, lr: float) -> dict[str,
             # equals the running mean of the per-step batch means
             delta, steps = bco_update_delta(delta, steps, _weighted_mean(BETA * r, weight))
             out = bco_loss(r, label, delta=delta, beta=BETA)
-        elif method == "dpo":
+        elif method == "pro":
+            out = pro_loss(r, label, beta=BETA, alpha=PRO_ALPHA, preferred_fraction=preferred_fraction)
+        elif method == "kldo":
+            # the whole (weighted) sample is the global batch; m advances once per step, as in train
+            ema = kldo_update_ema(ema, BETA * r.detach()[~label], rate=KLDO_RATE, weights=weight[~label])
+            out = kldo_loss(r, label, beta=BETA, estimator="ma", ema=ema, batch_weights=weight)
+        elif method in PAIR_METHODS:
             pair_prompt, chosen, rejected = data.pairs
             r_chosen, r_rejected = r_all[pair_prompt, chosen], r_all[pair_prompt, rejected]
-            out = dpo_loss(r_chosen, r_rejected, beta=BETA)
+            if method == "dpo":
+                out = dpo_loss(r_chosen, r_rejected, beta=BETA)
+            elif method == "pmle":  # reference-free: the policy's own log-probs
+                logp = torch.log_softmax(logits, -1)
+                out = pmle_loss(logp[pair_prompt, chosen], logp[pair_prompt, rejected], gamma=PMLE_GAMMA)
+            else:
+                out = bpo_loss(r_chosen, r_rejected, beta=BETA, divergence=method.removeprefix("bpo-"), lam=BPO_LAM)
             r, weights = torch.cat([r_chosen, r_rejected]), data.pair_weight
         elif method == "sft+":
             out = None
@@ -237,6 +263,8 @@ def fit(task: Task, data: Data, method: str, iters: int, lr: float) -> dict[str,
     final_logp = torch.log_softmax(logits.detach(), -1)
     return {
         "tv": 0.5 * (final_logp.exp() - task.p_plus).abs().sum(-1).mean().item(),
+        # where p- = 0 (h = 1): the set an unbounded ratio drives all mass to
+        "mass_p_minus_zero": (final_logp.exp() * (task.h == 1.0)).sum(-1).mean().item(),
         "max_logratio": max_logratio,
         "final_max_logratio": (final_logp - task.ref_logp)[prompt, completion].max().item(),
         "max_grad_norm": max_grad_norm,
@@ -245,6 +273,102 @@ def fit(task: Task, data: Data, method: str, iters: int, lr: float) -> dict[str,
         "bound": math.log(1.0 / alpha),
         "excess_over_bound": max_logratio - math.log(1.0 / alpha),
     }
+
+
+def pro_population_optimum(task: Task, *, beta: float = BETA, alpha: float = PRO_ALPHA) -> torch.Tensor:
+    """The policy PRO (balanced) converges to with unlimited data, by solving its stationarity condition.
+
+    Per prompt, with ``z = log pi - log pi_ref`` and the classes weighted equally (row weights p+ / 2 and
+    p- / 2), the loss is ``sum_y p+(y)/2 (-beta z/2 + Reg(z)) + p-(y)/2 (beta z/2 + Reg(z))`` with
+    ``Reg(z) = (alpha beta / 2)(softplus(beta z) + softplus(-beta z))``, ``Reg'(z) = (alpha beta^2/2) tanh(beta z/2)``.
+    Free logits under a softmax are stationary where ``dL/dz(y) = G pi(y)`` for one constant G per prompt:
+
+        A(y) + B(y) tanh(beta z / 2) + c pi_ref(y) e^z = 0,   A = -(beta/2)(p+ - p-),  B = (alpha beta^2/2)(p+ + p-)
+
+    with ``c = -2G > 0``. The left side increases in z, so each y has one root, or none when
+    ``A - B >= 0`` (then z = -inf: every y with p+ = 0, since alpha beta < 1); c is set by bisection so
+    that pi sums to 1. Returns pi* [prompts, completions].
+    """
+    reference = task.ref_logp.exp()
+    p_minus = reference * (1 - task.h) / (1 - task.alpha)
+    a = -(beta / 2) * (task.p_plus - p_minus)
+    b = (alpha * beta**2 / 2) * (task.p_plus + p_minus)
+    alive = (a - b) < 0
+
+    def policy(log_c: torch.Tensor) -> torch.Tensor:
+        low = torch.full_like(a, -300.0)
+        high = torch.full_like(a, 300.0)
+        c = log_c.exp()[:, None]
+        for _ in range(200):  # bisection on z for every y at once
+            mid = 0.5 * (low + high)
+            f = a + b * torch.tanh(beta * mid / 2) + c * reference * torch.exp(mid.clamp(max=300))
+            low, high = torch.where(f < 0, mid, low), torch.where(f < 0, high, mid)
+        z = 0.5 * (low + high)
+        return torch.where(alive, reference * z.exp(), torch.zeros_like(reference))
+
+    low = torch.full((a.shape[0],), -60.0, dtype=a.dtype)
+    high = torch.full((a.shape[0],), 60.0, dtype=a.dtype)
+    for _ in range(100):  # larger c, smaller z: bisection on log c for total mass 1
+        mid = 0.5 * (low + high)
+        mass = policy(mid).sum(-1)
+        low, high = torch.where(mass > 1, mid, low), torch.where(mass > 1, high, mid)
+    pi = policy(0.5 * (low + high))
+    return pi / pi.sum(-1, keepdim=True)
+
+
+def predicted_tv(task: Task, method: str) -> tuple[str, float, float] | None:
+    """What the derivation (docs/losses.md, "population optimum") says TV(policy, p+) tends to as n -> inf,
+    and the policy's mass on {h = 1} (where p- = 0) there.
+
+    Returns ("=", tv, mass) for a finite optimum, (">=", tv, 1.0) for an optimum at infinity (a lower bound
+    on TV that optimisation only approaches; the mass on {h = 1} grows towards 1), None where the study
+    makes no prediction. M below is p+'s mass on {h = 1}.
+
+    - rdro-balanced, sft+: p+ exactly ("=", 0).
+    - dpo and every bpo instance: sigmoid(beta (r_a - r_b)) = P(a > b) = p+(a)p-(b) / (p+(a)p-(b) + p+(b)p-(a)),
+      so pi ∝ pi_ref (p+/p-)^(1/beta), unbounded where p- = 0: all mass moves to {h = 1} and TV >= 1 - M.
+    - kldo: the Donsker-Varadhan bound is maximal at beta r = log(p+/p-) + const: the same pi, TV >= 1 - M.
+    - pmle (reference-free): pi ∝ (p+/p-)^(1/gamma): the same support, TV >= 1 - M.
+    These four losses depend on the logits of a prompt only through their differences (pairs: r_a - r_b;
+    kldo: invariant to adding a constant to every r), so the policy's normalisation cannot hold the
+    {h = 1} logits back. Not so for ddro or bco: their unconstrained optima are unbounded too, but the
+    normalised policy caps r <= -log pi_ref, and their constrained optimum is finite and not derived here.
+    - pro: the root of its stationarity condition (pro_population_optimum), "=".
+    - rdro-batch, ddro, kto, bco: no closed form here (None).
+    """
+    p_plus_mass = (task.p_plus * (task.h == 1.0)).sum(-1).mean().item()
+    if method in ("rdro-balanced", "sft+"):
+        return "=", 0.0, p_plus_mass
+    if method in ("kldo", "pmle", *PAIR_METHODS):
+        return ">=", 1.0 - p_plus_mass, 1.0
+    if method == "pro":
+        pi = pro_population_optimum(task)
+        return "=", 0.5 * (pi - task.p_plus).abs().sum(-1).mean().item(), (pi * (task.h == 1.0)).sum(-1).mean().item()
+    return None
+
+
+def check_predictions(study: dict, tolerance: float = 0.05) -> dict[str, dict]:
+    """The n = inf fit against each derivation; ``contradicts`` when it lands outside it.
+
+    A finite optimum ("="): |TV - derived| <= tolerance. An optimum at infinity (">="): a finite run cannot
+    reach it, so the check is its direction: the fit must have moved mass onto {h = 1} beyond p+'s own
+    share there (by more than tolerance), i.e. away from p+ towards the derived limit.
+    """
+    p_plus_mass = study["task"]["p_plus_mass_where_p_minus_is_0"]
+    checks = {}
+    for method, per_column in study["results"].items():
+        prediction = study["predictions"].get(method)
+        if prediction is None or "inf" not in per_column:
+            continue
+        kind, value, mass = prediction
+        measured, measured_mass = per_column["inf"]["tv"][0], per_column["inf"]["mass_p_minus_zero"][0]
+        if kind == "=":
+            bad = abs(measured - value) > tolerance
+        else:
+            bad = measured_mass < p_plus_mass + tolerance
+        checks[method] = {"kind": kind, "predicted": value, "measured_inf": measured, "predicted_mass": mass,
+                          "measured_mass_inf": measured_mass, "contradicts": bad}
+    return checks
 
 
 def run_study(ns=DEFAULT_NS, seeds: int = 5, iters: int = 3000, lr: float = 0.02,
@@ -280,7 +404,9 @@ def run_study(ns=DEFAULT_NS, seeds: int = 5, iters: int = 3000, lr: float = 0.02
             "p_plus_mass_where_p_minus_is_0": (task.p_plus * (task.h == 1.0)).sum(-1).mean().item(),
         },
         "settings": {"ns": list(ns), "columns": columns, "seeds": seeds, "iters": iters, "lr": lr, "optimizer": "adam",
-                     "beta": BETA, "alpha": "auto (empirical preferred fraction)"},
+                     "beta": BETA, "alpha": "auto (empirical preferred fraction)", "pro_alpha": PRO_ALPHA,
+                     "bpo_lam": BPO_LAM, "kldo_rate": KLDO_RATE, "pmle_gamma": PMLE_GAMMA},
+        "predictions": {m: predicted_tv(task, m) for m in methods if predicted_tv(task, m) is not None},
         "results": results,
     }
 
@@ -305,33 +431,66 @@ def format_tables(study: dict) -> str:
         lines += [header, "-" * len(header)]
         for method, per_column in study["results"].items():
             lines.append(f"{method:<14}" + "".join(f"{_summary(per_column[c][metric]):>22}" for c in columns))
+    lines += ["", format_predictions(study)]
+    return "\n".join(lines)
+
+
+def format_predictions(study: dict) -> str:
+    """The derivation's n -> inf TV next to the measured TV at each n; flags a contradicted derivation."""
+    columns = study["settings"]["columns"]
+    checks = check_predictions(study) if "inf" in columns else {}
+    lines = ["derived population optimum next to the measured fits: TV to p+, and the policy's mass on {h = 1} "
+             f"(p- = 0; p+ puts {study['task']['p_plus_mass_where_p_minus_is_0']:.4f} there)",
+             f"{'method':<14}{'derived TV':>11}" + "".join(f"{'n=' + c:>10}" for c in columns)
+             + f"{'mass':>8}" + "".join(f"{'n=' + c:>10}" for c in columns) + "  check"]
+    lines.append("-" * len(lines[-1]))
+    for method, per_column in study["results"].items():
+        prediction = study["predictions"].get(method)
+        if prediction is None:
+            continue
+        kind, value, mass = prediction
+        tvs = "".join(f"{statistics.mean(per_column[c]['tv']):>10.4f}" for c in columns)
+        masses = "".join(f"{statistics.mean(per_column[c]['mass_p_minus_zero']):>10.4f}" for c in columns)
+        check = checks.get(method)
+        verdict = "" if check is None else ("CONTRADICTS the derivation" if check["contradicts"] else "ok")
+        lines.append(f"{method:<14}{kind + format(value, '.4f'):>11}{tvs}{'->' + format(mass, '.2f'):>8}{masses}"
+                     f"  {verdict}")
+    lines.append("('>=': optimum at infinity; TV reaches the bound only with unlimited optimisation, so the "
+                 "check is that mass moves onto {h = 1}, i.e. away from p+)")
     return "\n".join(lines)
 
 
 def plot(study: dict, path: Path) -> None:
+    """TV to p+, max training-row log-ratio and largest gradient norm against n, one line per loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ns = study["settings"]["ns"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, per_column in study["results"].items():
-        means = [np.mean(per_column[str(n)]["tv"]) for n in ns]
-        stds = [np.std(per_column[str(n)]["tv"]) for n in ns]
-        line = ax.errorbar(ns, means, yerr=stds, marker="o", capsize=3, label=method,
-                           linestyle="--" if method == "sft+" else "-")
-        if "inf" in per_column:
-            # where each loss would end up with unlimited data
-            ax.axhline(per_column["inf"]["tv"][0], color=line[0].get_color(), linestyle=":", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training rows n")
-    ax.set_ylabel("total variation to p+")
-    ax.set_title("Consistency on an enumerable task (dotted: n = infinity)")
-    ax.legend(fontsize=8, loc="lower left")
+    panels = [("tv", "total variation to p+"), ("max_logratio", "max log-ratio of a training row"),
+              ("max_grad_norm", "largest gradient norm")]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    colours = plt.get_cmap("tab20").colors  # 15 methods: the default 10-colour cycle repeats
+    for index, (method, per_column) in enumerate(study["results"].items()):
+        colour = colours[index % len(colours)]
+        style = "--" if method == "sft+" else ("-." if method in NEW_METHODS else "-")
+        for ax, (metric, _) in zip(axes, panels, strict=True):
+            means = [np.mean(per_column[str(n)][metric]) for n in ns]
+            stds = [np.std(per_column[str(n)][metric]) for n in ns]
+            ax.errorbar(ns, means, yerr=stds, marker="o", capsize=3, label=method, linestyle=style, color=colour)
+            if "inf" in per_column:  # where each loss would end up with unlimited data
+                ax.axhline(per_column["inf"][metric][0], color=colour, linestyle=":", linewidth=1)
+    for ax, (metric, label) in zip(axes, panels, strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log" if metric != "max_logratio" else "linear")
+        ax.set_xlabel("training rows n")
+        ax.set_ylabel(label)
+    axes[1].axhline(study["task"]["bound_log_1_over_alpha"], color="black", linewidth=0.8)
+    axes[0].set_title("Consistency on an enumerable task (dotted: n = infinity)")
+    axes[2].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -22,7 +22,8 @@ In RDRO's setting the reference policy must be the model that produced the sampl
    from the same rows (one preferred with one non-preferred row of the same prompt, each used once),
    with a small separately drawn test split so prepare holds out nothing from the n training rows.
 5. `rdro prepare`, `rdro logprobs` (reference = the tiny transformer) and `rdro train` run in-process
-   for rdro (batch and balanced weighting), ddro, kto, bco and dpo, all with the same optimiser settings.
+   for rdro (batch and balanced weighting), ddro, kto, bco, dpo, pro, kldo, the five bpo instances and
+   pmle (reference-free: it reads no logprobs), all with the same optimiser settings.
 6. Each `<run>/train/final` is scored exactly: TV between its renormalised distribution and p+ (mean over
    prompts), its leftover mass, the largest training-row log-ratio logged during training
    (metrics.jsonl `logratio_max`) and at the end (by enumeration).
@@ -84,6 +85,12 @@ RUNS = {
     "kto": ("kto", [], "unpaired"),
     "bco": ("bco", [], "unpaired"),
     "dpo": ("dpo", [], "paired"),
+    # issue 14
+    "pro": ("pro", [f"loss.pro_alpha={consistency.PRO_ALPHA}"], "unpaired"),
+    "kldo": ("kldo", [f"loss.kldo_rate={consistency.KLDO_RATE}"], "unpaired"),
+    **{f"bpo-{d}": ("bpo", [f"loss.bpo_divergence={d}", f"loss.bpo_lam={consistency.BPO_LAM}"], "paired")
+       for d in consistency.BPO_DIVERGENCES},
+    "pmle": ("pmle", [f"loss.pmle_gamma={consistency.PMLE_GAMMA}"], "paired"),  # reads no logprobs
 }
 
 
@@ -283,6 +290,7 @@ def score_model(model_dir: Path, study: Study) -> dict:
     bound = math.log(1 / study.info["preferred_fraction"]) + 0.05
     ref_sequence = study.task.ref_logp + study.ref_log_mass[:, None]  # what logprobs computed: not renormalised
     return {"tv": 0.5 * (policy - study.task.p_plus).abs().sum(-1).mean().item(),
+            "mass_p_minus_zero": (policy * (study.task.h == 1.0)).sum(-1).mean().item(),
             "leftover_mass": (1 - mass).mean().item(),
             "final_max_logratio": (logp - ref_sequence)[study.prompt, study.completion].max().item(),
             "ref_mass_above_bound": (study.task.ref_logp.exp() * (logp - ref_sequence > bound)).sum(-1).mean().item()}
@@ -425,7 +433,9 @@ def train_method(study: Study, method: str, sets: list[str], out: Path) -> dict:
     seconds = time.perf_counter() - started
     metrics = read_metrics(out / "metrics.jsonl")
     manifest = json.loads((out / "manifest.json").read_text())
-    return {**score_model(out / "final", study), "max_logratio": max(m["logratio_max"] for m in metrics),
+    # a reference-free loss logs s_pol, not a log-ratio: no logged maximum to report for it
+    logged_max = max(m["logratio_max"] for m in metrics) if loss != "pmle" else float("nan")
+    return {**score_model(out / "final", study), "max_logratio": logged_max,
             "steps": len(metrics), "train_seconds": round(seconds, 1), "alpha": manifest.get("alpha")}
 
 
@@ -488,12 +498,15 @@ def run(n: int = 4000, *, workdir: Path, methods=tuple(RUNS), hidden: int = 48, 
         "tabular_population": tabular_inf,
         "tabular_study": study_results,
         "ordering": ordering_summary(cli_results, tabular_same, bound),
+        # the derivation's n -> inf limit on this task (pi_ref = the transformer), next to what was measured
+        "predictions": {m: consistency.predicted_tv(study.task, m) for m in methods
+                        if consistency.predicted_tv(study.task, m) is not None},
         "timings_s": timings,
     }
 
 
 def _tabular_metrics(result: dict) -> dict:
-    return {k: result[k] for k in ("tv", "max_logratio", "final_max_logratio", "alpha")}
+    return {k: result[k] for k in ("tv", "max_logratio", "final_max_logratio", "alpha", "mass_p_minus_zero")}
 
 
 def ordering_summary(cli_results: dict, tabular_same: dict, bound: float) -> dict:
@@ -526,8 +539,10 @@ def ordering_summary(cli_results: dict, tabular_same: dict, bound: float) -> dic
 def format_table(results: dict) -> str:
     bound = results["bound_log_1_over_alpha"]
     same, inf, study = results["tabular_same_rows"], results["tabular_population"], results["tabular_study"]
+    predictions = results.get("predictions", {})
     header = (f"{'loss':<14}{'CLI TV':>9}{'CLI maxlr':>11}{'CLI end lr':>11}{'>bound':>8}{'leftover':>10}"
-              f"{'tab TV':>9}{'tab maxlr':>11}{'tab TV inf':>12}{'study TV':>10}{'log(1/a)':>10}")
+              f"{'tab TV':>9}{'tab maxlr':>11}{'tab TV inf':>12}{'study TV':>10}{'log(1/a)':>10}"
+              f"{'derived TV':>12}{'CLI mass':>10}")
     lines = [header, "-" * len(header)]
     for method, r in results["cli"].items():
         row = f"{method:<14}{r['tv']:>9.4f}{r['max_logratio']:>11.3f}{r['final_max_logratio']:>11.3f}" \
@@ -541,8 +556,16 @@ def format_table(results: dict) -> str:
             row += f"{sum(tvs) / len(tvs):>10.4f}"
         else:
             row += f"{'':>10}"
-        lines.append(row + f"{bound:>10.3f}")
+        row += f"{bound:>10.3f}"
+        if method in predictions:
+            kind, value, _ = predictions[method]
+            row += f"{kind + format(value, '.4f'):>12}"
+        else:
+            row += f"{'':>12}"
+        lines.append(row + f"{r['mass_p_minus_zero']:>10.4f}")
     lines.append(f"{'pi_ref (init)':<14}{results['reference']['tv_reference_to_p_plus']:>9.4f}")
+    lines.append("derived TV: the n -> inf limit derived in docs/losses.md ('>=': an optimum at infinity, approached "
+                 "only with unlimited training); CLI mass: the trained policy's mass on {h = 1}, where p- = 0")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Training throughput and peak memory of `rdro train` against TRL and a plain PyTorch loop, same objective (issue 10).
 
-Contenders, all minimising RDRO's per-example loss (DESIGN.md §1, batch weighting, one alpha)::
+Contenders, all minimising RDRO's per-example loss (docs/losses.md, batch weighting, one alpha)::
 
     l+(r) = softplus(-r) + alpha * softplus(r)      l-(r) = (1 - alpha) * softplus(r)      r = s_pol - s_ref
 

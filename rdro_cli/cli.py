@@ -2,31 +2,99 @@
 
 Each command only turns flags into a resolved recipe (recipe file < --set < explicit flags) and calls
 `run(cfg, ...)` in the stage's own module. Errors a user can cause print one line and exit 2.
+
+Conventions: stdout carries only what a script captures (the artifact path a stage returns, the
+resolved TOML of `validate`, the version); everything else (progress, "wrote ...", warnings) goes to
+stderr. Every command's help ends with examples; help texts are escaped, so `[report]` in an install
+hint is printed and not taken for rich markup.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
+import typer.core
+from rich.markup import escape
 
+from rdro_cli import __version__
 from rdro_cli.errors import UserError
+
+
+class _FlagHelp:
+    """On/off flags show no `<bool>` type in help, which would invite `--force true` (an error)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _hide_bool_type(param)
+
+    def get_help_option(self, ctx):
+        return _hide_bool_type(super().get_help_option(ctx))
+
+
+class _Command(_FlagHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_FlagHelp, typer.core.TyperGroup):
+    pass
+
+
+def _hide_bool_type(param):
+    if getattr(param, "is_bool_flag", False) and param.metavar is None:
+        param.metavar = ""  # typer shows the metavar instead of the type; empty shows nothing
+    return param
+
 
 app = typer.Typer(
     name="rdro",
+    cls=_Group,
     help="Align language models with binary feedback (RDRO and baselines). "
-         "Stages: prepare -> logprobs -> train -> merge -> eval.",
+         "Stages: prepare -> logprobs -> train -> merge -> eval -> report.",
+    epilog="Examples:\n\n$ rdro validate recipes/tiny-cpu.toml\n$ rdro prepare --help",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"rdro {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+def _command(name: str | None = None, *, examples: list[str]):
+    """`app.command` with the docstring escaped for rich and `examples` (shell lines) as the epilog.
+
+    Typer strips the indentation of help texts, so each example is one line starting with `$ `; they stay
+    under 76 characters so that an 80-column terminal does not wrap them (tests/test_cli.py checks).
+    """
+    def register(function):
+        # one line per paragraph: rich keeps a docstring's line breaks, which then break mid-sentence
+        paragraphs = inspect.cleandoc(function.__doc__ or "").split("\n\n")
+        doc = escape("\n\n".join(" ".join(p.split()) for p in paragraphs))
+        epilog = "Examples:\n\n" + "\n".join(f"$ {escape(line)}" for line in examples)
+        return app.command(name, cls=_Command, help=doc, epilog=epilog)(function)
+    return register
+
+
 RecipeOpt = typer.Option(None, "--recipe", "-r", help="TOML recipe file (see recipes/).", exists=False)
 SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe value: section.key=value (repeatable).")
+# Plain on/off flags: no recipe key sets them, so a --no-force form would have nothing to switch off.
 ForceOpt = typer.Option(False, "--force", help="Recompute even if the output exists with matching inputs.")
 
 
@@ -52,7 +120,9 @@ def _invoke(stage: str, recipe: Path | None, sets: list[str] | None, flags: dict
             if err.name == f"rdro_cli.{stage}":
                 _fail(f"rdro {stage}: not implemented yet", 1)
             raise
-        result = call(module, cfg)
+        # stdout is for the returned path only: a stage's own prints (and any library's) go to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            result = call(module, cfg)
     except UserError as err:
         _fail(str(err), err.exit_code)
     except KeyboardInterrupt:
@@ -74,15 +144,23 @@ def _invoke(stage: str, recipe: Path | None, sets: list[str] | None, flags: dict
         print(result)
 
 
-@app.command()
+@_command(examples=["rdro validate recipes/tiny-cpu.toml",
+                    "rdro validate --recipe recipes/qwen2.5-7b.toml --set loss.alpha=0.4"])
 def validate(
-    recipe: Path = typer.Argument(..., help="Recipe file to check."),
+    recipe_arg: Path = typer.Argument(None, metavar="RECIPE", show_default=False,
+                                      help="Recipe file to check (or --recipe)."),
+    recipe: Path = RecipeOpt,
     sets: list[str] = SetOpt,
 ) -> None:
     """Check a recipe (all problems at once) and print the resolved config as TOML."""
     from rdro_cli.recipe import load_recipe
 
     try:
+        if recipe_arg is not None and recipe is not None and recipe_arg != recipe:
+            raise UserError(f"two recipes given ({recipe_arg} and --recipe {recipe}); pass one")
+        recipe = recipe or recipe_arg
+        if recipe is None:
+            raise UserError("no recipe given: rdro validate RECIPE (or --recipe RECIPE)")
         cfg = load_recipe(recipe, sets or [])
     except UserError as err:
         _fail(str(err), err.exit_code)
@@ -90,7 +168,8 @@ def validate(
     print(f"{recipe}: ok", file=sys.stderr)
 
 
-@app.command()
+@_command(examples=['DATA=$(rdro prepare --recipe recipes/tiny-cpu.toml)',
+                   'rdro prepare -d rows.jsonl -m Qwen/Qwen2.5-0.5B-Instruct -o runs/x/data'])
 def prepare(
     recipe: Path = RecipeOpt,
     sets: list[str] = SetOpt,
@@ -117,15 +196,16 @@ def prepare(
     _invoke("prepare", recipe, sets, flags, lambda m, cfg: m.run(cfg, out=out, force=force))
 
 
-@app.command()
+@_command(examples=['rdro logprobs --recipe recipes/tiny-cpu.toml',
+                   'rdro logprobs --data runs/x/data --model Qwen/Qwen2.5-0.5B-Instruct'])
 def logprobs(
     recipe: Path = RecipeOpt,
     sets: list[str] = SetOpt,
     data: Path = typer.Option(None, "--data", help="prepare output (default: <output.dir>/data)."),
     model: str = typer.Option(None, "--model", "-m", help="Reference model (model.ref_name; default model.name)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: <output.dir>/logprobs)."),
-    max_tokens_per_batch: int = typer.Option(None, help="Token budget per batch "
-                                                        "(logprobs.max_tokens_per_batch)."),
+    max_tokens_per_batch: int = typer.Option(None, help="Token budget per batch, rows x longest row "
+                                                        "(sets logprobs.max_tokens_per_batch)."),
     force: bool = ForceOpt,
 ) -> None:
     """Reference log-probs of every completion, once, in bulk -> <run>/logprobs."""
@@ -133,7 +213,9 @@ def logprobs(
     _invoke("logprobs", recipe, sets, flags, lambda m, cfg: m.run(cfg, data=data, out=out, force=force))
 
 
-@app.command()
+@_command(examples=['rdro train --recipe recipes/tiny-cpu.toml --set train.max_steps=4',
+                   'accelerate launch $(which rdro) train -r recipes/qwen2.5-7b.toml',
+                   'rdro train --recipe recipes/tiny-cpu.toml --resume'])
 def train(
     recipe: Path = RecipeOpt,
     sets: list[str] = SetOpt,
@@ -141,7 +223,7 @@ def train(
     logprobs_dir: Path = typer.Option(None, "--logprobs", help="logprobs output "
                                                                "(default: <output.dir>/logprobs)."),
     model: str = typer.Option(None, "--model", "-m", help="Policy initialisation (model.name)."),
-    loss: str = typer.Option(None, "--loss", help="rdro, ddro, kto, bco or dpo (loss.name)."),
+    loss: str = typer.Option(None, "--loss", help="rdro, ddro, kto, bco, dpo, pro, kldo, bpo or pmle (loss.name)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: <output.dir>/train)."),
     max_steps: int = typer.Option(None, help="Stop after N optimizer steps (train.max_steps)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint."),
@@ -153,7 +235,8 @@ def train(
             lambda m, cfg: m.run(cfg, data=data, logprobs=logprobs_dir, out=out, resume=resume, force=force))
 
 
-@app.command()
+@_command(examples=['rdro merge --recipe recipes/smollm2-135m-demo.toml',
+                   'rdro merge --adapter runs/x/train/final --out runs/x/merged'])
 def merge(
     recipe: Path = RecipeOpt,
     sets: list[str] = SetOpt,
@@ -167,7 +250,8 @@ def merge(
             lambda m, cfg: m.run(cfg, adapter=adapter, out=out, force=force))
 
 
-@app.command("eval")
+@_command("eval", examples=['rdro eval --recipe recipes/tiny-cpu.toml',
+                           'rdro eval --model runs/x/merged --tasks preference,generate'])
 def eval_(
     recipe: Path = RecipeOpt,
     sets: list[str] = SetOpt,
@@ -187,7 +271,8 @@ def eval_(
             lambda m, cfg: m.run(cfg, data=data, logprobs=logprobs_dir, out=out, force=force))
 
 
-@app.command()
+@_command(examples=['rdro report --recipe recipes/tiny-cpu.toml',
+                   'rdro report --run runs/rdro --run runs/kto --out runs/compare'])
 def report(
     recipe: Path = RecipeOpt,
     sets: list[str] = SetOpt,

@@ -2,7 +2,7 @@
 
 Tasks (``eval.tasks``), each one small function below, all results in ``eval.json``:
 
-- ``preference``: on the held-out split, the log-ratio ``r = s_pol − s_ref`` (DESIGN.md §1) with ``s_pol``
+- ``preference``: on the held-out split, the log-ratio ``r = s_pol − s_ref`` (docs/design.md §1) with ``s_pol``
   from the same chunked head as training and ``s_ref`` precomputed by ``logprobs``. Reports the mean ``r``
   per class, the AUC of ``r`` separating preferred from non-preferred rows (Mann–Whitney, ties count half)
   and, for paired data, the fraction of pairs whose chosen row has the larger ``r`` (ties half); the same
@@ -328,9 +328,12 @@ def load_eval_model(name: str, cfg: Recipe):
     if is_adapter:
         from peft import PeftModel
 
+        from rdro_cli.peft_compat import building_peft_model
+
         base = _adapter_base(local, cfg)
-        model = PeftModel.from_pretrained(load_model(base, revision=cfg.model.revision or None, **options),
-                                          str(local)).eval()
+        with building_peft_model():
+            model = PeftModel.from_pretrained(load_model(base, revision=cfg.model.revision or None, **options),
+                                              str(local)).eval()
     else:
         model = load_model(name, revision=revision, **options)
     return model, tokenizer

@@ -14,9 +14,10 @@ import shutil
 import time
 from pathlib import Path
 
-from rdro_cli import artifacts, diskspace, outputs
+from rdro_cli import artifacts, diskspace, model_card, outputs
 from rdro_cli.errors import UserError
 from rdro_cli.modeling import ADAPTER_CONFIG, TOKENIZER_FILES
+from rdro_cli.peft_compat import building_peft_model
 from rdro_cli.recipe import Recipe
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -182,11 +183,14 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
 
     from peft import PeftModel
 
-    with _console().status(f"merging {adapter} into {base} ({dtype})"):
+    from rdro_cli.progress import status
+
+    with status(f"merge: folding {adapter} into {base} ({dtype})"):
         model = modeling.load_model(base, dtype=dtype, device="cpu", revision=cfg.model.revision or None,
                                     trust_remote_code=cfg.model.trust_remote_code,
                                     allow_pickle=cfg.model.allow_pickle)
-        peft_model = PeftModel.from_pretrained(model, str(adapter))
+        with building_peft_model():
+            peft_model = PeftModel.from_pretrained(model, str(adapter))
         merged_modules = sum(1 for name, _ in peft_model.named_modules() if name.endswith(".lora_A"))
         merged = peft_model.merge_and_unload()
         n_params = sum(p.numel() for p in merged.parameters())
@@ -201,6 +205,11 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
             for name in PROVENANCE_FILES:
                 if (adapter / name).is_file():
                     shutil.copy2(adapter / name, tmp / name)
+            # the merged model computes what the adapter does: an eval of the adapter is its eval too
+            run_dirs = dict.fromkeys([cfg.run_dir, adapter.parent.parent, out.parent])
+            model_card.write(tmp, model_card.merged_metadata(adapter, base), name=out.resolve().parent.name,
+                             eval_tasks=model_card.eval_results_for(inputs["adapter"],
+                                                                    [d / "eval" for d in run_dirs]))
             artifacts.write_manifest(
                 tmp, stage="merge", fingerprint=fingerprint, inputs=inputs, config=cfg.to_dict(),
                 counts={"lora_modules": merged_modules, "parameters": n_params}, started=started,

@@ -1,6 +1,6 @@
 """Loading models and tokenizers, and the chunked completion log-prob head shared by logprobs, train and eval.
 
-The number every stage needs is DESIGN.md §1's ``s = Σ_t log π(y_t | x, y_<t)`` over completion tokens.
+The number every stage needs is docs/design.md §1's ``s = Σ_t log π(y_t | x, y_<t)`` over completion tokens.
 ``completion_logps`` computes it without a ``[batch, seq, vocab]`` tensor: it runs the transformer body,
 keeps the hidden states only at the N positions that predict completion tokens, and applies the LM head to
 ``chunk_size`` of them at a time (log-softmax in float32 per chunk). With gradients it goes through

@@ -26,7 +26,8 @@ STAGE_FILE = ".rdro-stage"
 # what a train directory of rdro 0.1 (before STAGE_FILE) can hold
 _LEGACY_TRAIN_ENTRIES = {"metrics.jsonl", "checkpoints", "final", "tb", artifacts.MANIFEST}
 # where each stage writes inside a run directory by default
-DEFAULT_DIRS = {"prepare": "data", "logprobs": "logprobs", "train": "train", "merge": "merged", "eval": "eval"}
+DEFAULT_DIRS = {"prepare": "data", "logprobs": "logprobs", "train": "train", "merge": "merged", "eval": "eval",
+                "report": "report"}
 _MODEL_FILES = ("config.json", "adapter_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
@@ -59,6 +60,8 @@ def holder(path: Path) -> tuple[str, str | None]:
             return "artifact", stage
     if entries <= _LEGACY_TRAIN_ENTRIES and entries & {"metrics.jsonl", "checkpoints"}:
         return "artifact", "train"
+    if "report.md" in entries and all(n == "report.md" or n.endswith(".png") for n in entries):
+        return "artifact", "report"  # a report of rdro 0.1 (before STAGE_FILE)
     if entries & set(_MODEL_FILES):
         return "model", None
     return "foreign", None

@@ -8,6 +8,7 @@ show nothing until the end, so progress is one plain line per task every `RDRO_P
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -101,6 +102,14 @@ class PlainProgress:
             parts.append(f"eta {_clock((task.total - task.completed) / rate)}")
         parts += [str(task.fields[name]) for name in self.fields if task.fields.get(name)]
         console.print(" ".join(parts), soft_wrap=True, highlight=False, markup=False)
+
+
+def status(message: str):
+    """A spinner in a terminal; in a log, the message as one line (a spinner there shows nothing)."""
+    if console.is_terminal:
+        return console.status(message)
+    console.print(message, soft_wrap=True, highlight=False, markup=False)
+    return contextlib.nullcontext()
 
 
 def task_progress(*extra_fields: str) -> Progress | PlainProgress:

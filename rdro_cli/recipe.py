@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-LOSS_NAMES = ("rdro", "ddro", "kto", "bco", "dpo")
+LOSS_NAMES = ("rdro", "ddro", "kto", "bco", "dpo", "pro", "kldo", "bpo", "pmle")
 EVAL_TASKS = ("preference", "generate", "exact_match", "bbh")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# accelerate's trackers (accelerate.utils.LoggerType, less "all"): rdro_cli/tracking.py
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
 
 
 def _opt(default: Any, help: str, *, choices: tuple | None = None, check=None) -> Any:
@@ -88,9 +91,19 @@ class LossSection:
     alpha: Any = _opt("auto", 'RDRO mixture weight in (0, 1), or "auto" = preferred fraction', check=_alpha)
     weighting: str = _opt("batch", "RDRO reduction: batch (published) or balanced (consistent)",
                           choices=("batch", "balanced"))
-    beta: float = _opt(0.1, "temperature for kto, bco and dpo", check=_positive)
+    beta: float = _opt(0.1, "temperature for kto, bco, dpo, pro, kldo and bpo", check=_positive)
     desirable_weight: float = _opt(1.0, "KTO lambda_D", check=_positive)
     undesirable_weight: float = _opt(1.0, "KTO lambda_U", check=_positive)
+    pro_alpha: float = _opt(2.5, "PRO weight of the hyper-response regulariser", check=_positive)
+    pro_weighting: str = _opt("balanced", "PRO reduction: balanced (classes count equally) or batch",
+                              choices=("balanced", "batch"))
+    kldo_estimator: str = _opt("ma", "KLDO log-mean-exp gradient: ma (moving average, the authors' default) "
+                               "or biased (this batch)", choices=("ma", "biased"))
+    kldo_rate: float = _opt(0.1, "KLDO moving-average rate", check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
+    bpo_divergence: str = _opt("lr", "BPO Bregman generator (lr = DPO)", choices=("lr", "kliep", "lsif", "ba", "sba"))
+    bpo_lam: float = _opt(1.0, "BPO lambda of ba / sba", check=_positive)
+    bpo_ratio_min: float = _opt(1e-6, "BPO lower clamp of the ratio R", check=_open_unit)
+    pmle_gamma: float = _opt(5e-3, "preference-MLE temperature gamma (reference-free)", check=_positive)
 
 
 @dataclass
@@ -120,7 +133,8 @@ class TrainSection:
     save_every: int = _opt(0, "checkpoint every N optimizer steps (0 = only at the end)", check=_non_negative)
     keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep", check=_positive)
     log_every: int = _opt(1, "write metrics every N steps", check=_positive)
-    tensorboard: bool = _opt(False, "also log to TensorBoard under <run>/train/tb")
+    report_to: list[str] = _opt([], "experiment trackers (accelerate's): tensorboard (<run>/train/tb), wandb, "
+                                    "mlflow, trackio, ...", choices=TRACKERS)
 
 
 @dataclass
@@ -292,6 +306,7 @@ def load_recipe(path: str | Path | None = None, sets: list[str] | None = None,
             section, _, name = key.partition(".")
             values[(section, name)] = (value, "command line")
 
+    legacy_tensorboard = values.pop(("train", "tensorboard"), None)
     recipe = Recipe()
     all_keys = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
     for (section, key), (value, where) in values.items():
@@ -322,6 +337,8 @@ def load_recipe(path: str | Path | None = None, sets: list[str] | None = None,
             continue
         setattr(getattr(recipe, section), key, value)
 
+    if legacy_tensorboard is not None:
+        _legacy_tensorboard(recipe, *legacy_tensorboard, problems)
     if recipe.data.max_prompt_length >= recipe.data.max_length:
         where = values.get(("data", "max_prompt_length"), (None, "recipe"))[1]
         problems.append(f"{where}: data.max_prompt_length: must be < data.max_length "
@@ -329,6 +346,19 @@ def load_recipe(path: str | Path | None = None, sets: list[str] | None = None,
     if problems:
         raise RecipeError(problems)
     return recipe
+
+
+def _legacy_tensorboard(recipe: Recipe, value: Any, where: str, problems: list[str]) -> None:
+    """`train.tensorboard = true` (before train.report_to): still works, and says what to write instead."""
+    if not isinstance(value, bool):
+        problems.append(f"{where}: train.tensorboard: must be true or false, got {value!r} "
+                        f"(deprecated: use train.report_to = [\"tensorboard\"])")
+        return
+    if value:
+        if "tensorboard" not in recipe.train.report_to:
+            recipe.train.report_to.append("tensorboard")
+        print(f"{where}: train.tensorboard is deprecated; write train.report_to = [\"tensorboard\"] instead "
+              f"(it is read as that for now)", file=sys.stderr)
 
 
 def recipe_from_dict(raw: dict) -> Recipe:

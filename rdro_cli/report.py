@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rdro_cli import metrics
+from rdro_cli import metrics, outputs
 from rdro_cli.artifacts import read_manifest, write_text_atomic
 from rdro_cli.errors import UserError
 
@@ -549,7 +549,9 @@ def run(cfg, *, runs: list[Path] | None = None, out: Path | None = None, baselin
     run_dirs = [Path(r) for r in runs] if runs else [cfg.run_dir]
     loaded = load_runs(cfg, run_dirs, Path(baseline) if baseline else None)
     out = Path(out) if out else run_dirs[0] / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    inputs = [d / name for d in run_dirs for name in ("data", "logprobs", "train", "merged", "eval", BASELINE_DIR)]
+    outputs.claim(out, "report", inputs=[*inputs, *([baseline] if baseline else [])])
+    outputs.mark_stage(out, "report")
     images: dict[str, str] = {}
     for stem, title, ylabel, fields in TRAINING_PANELS:
         if plot_training(mpl, loaded, stem, title, ylabel, fields, out / f"{stem}.png"):

@@ -1,7 +1,8 @@
 """train: the policy learns from binary feedback against precomputed reference log-probs.
 
 Reads `<run>/data` (prepare) and `<run>/logprobs` (reference log-probs, one float per row), loads the
-policy only, and minimises one of DESIGN.md §1's losses over the training split:
+policy only, and minimises one of the losses of docs/losses.md over the training split (a reference-free
+loss, `pmle`, reads no logprobs artifact):
 
     config -> validate inputs -> set up (policy, optimizer, schedule, output dir) -> loop -> save
 
@@ -38,15 +39,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rdro_cli import artifacts, diskspace, integrity, losses, modeling, outputs
+from rdro_cli import artifacts, diskspace, integrity, losses, model_card, modeling, outputs, tracking
 from rdro_cli.errors import UserError
+from rdro_cli.peft_compat import building_peft_model
 from rdro_cli.recipe import Recipe
 
 CHECKPOINT = re.compile(r"^step-(\d{7})$")
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 # train.* keys that do not change the trained weights: a run may resume with different values
-NOT_IN_FINGERPRINT = {"save_every", "keep_checkpoints", "log_every", "tensorboard", "gradient_checkpointing",
+NOT_IN_FINGERPRINT = {"save_every", "keep_checkpoints", "log_every", "report_to", "gradient_checkpointing",
                       "chunk_size", "max_tokens_per_batch"}
 # train.* keys that only say how long to train: they may grow on --resume (see _open_output)
 LENGTH_KEYS = {"max_steps", "epochs"}
@@ -101,24 +103,28 @@ class TrainRows:
         return tuple(t.to(self.device) for t in tensors)
 
 
-def _read_inputs(cfg: Recipe, data_dir: Path, logprobs_dir: Path, spec: losses.LossSpec) -> tuple[dict, dict]:
+def _read_inputs(cfg: Recipe, data_dir: Path, logprobs_dir: Path, spec: losses.LossSpec) -> tuple[dict, dict | None]:
     data_manifest = artifacts.require_input(data_dir, "prepare", rerun="rdro prepare")
-    logprobs_manifest = artifacts.require_input(logprobs_dir, "logprobs", rerun="rdro logprobs")
-    artifacts.check_inputs_match(logprobs_dir, logprobs_manifest, {"data": data_manifest["fingerprint"]},
-                                 rerun="rdro logprobs")
+    logprobs_manifest = None  # a reference-free loss (pmle) reads no logprobs artifact
+    if spec.needs_ref:
+        logprobs_manifest = artifacts.require_input(logprobs_dir, "logprobs", rerun="rdro logprobs")
+        artifacts.check_inputs_match(logprobs_dir, logprobs_manifest, {"data": data_manifest["fingerprint"]},
+                                     rerun="rdro logprobs")
     if spec.needs_pairs and not data_manifest.get("paired"):
         raise UserError(f"{data_dir}: {cfg.loss.name} needs paired data (prompt/chosen/rejected); this dataset "
-                        f"is unpaired; use loss.name = rdro, ddro, kto or bco, or prepare a paired dataset")
+                        f"is unpaired; use loss.name = rdro, ddro, kto, bco, pro or kldo, or prepare a paired dataset")
     return data_manifest, logprobs_manifest
 
 
-def _load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifest: dict,
+def _load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifest: dict | None,
                spec: losses.LossSpec) -> TrainRows:
     import datasets
     from safetensors.torch import load_file
 
     split = datasets.load_from_disk(str(data_dir))["train"]
-    tensors = load_file(str(logprobs_dir / "train.safetensors"))
+    # reference-free: "log-ratios" are then s_pol itself (s_ref = 0)
+    tensors = load_file(str(logprobs_dir / "train.safetensors")) if spec.needs_ref \
+        else {"ref_logps": torch.zeros(len(split))}
     rerun = f"re-run `rdro logprobs --force{' --set loss.name=kto' if spec.needs_kl else ''}`"
     if tensors["ref_logps"].shape != (len(split),):
         raise UserError(f"{logprobs_dir}/train.safetensors has {tensors['ref_logps'].shape[0]} reference "
@@ -138,7 +144,7 @@ def _load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifes
     if pairs is not None and len(pairs) == 0:
         raise UserError(f"{data_dir}: {cfg.loss.name} needs paired data (prompt/chosen/rejected); no complete "
                         f"chosen/rejected pair is left in the training split")
-    kl_max_length = logprobs_manifest.get("config", {}).get("data", {}).get("max_length", cfg.data.max_length)
+    kl_max_length = (logprobs_manifest or {}).get("config", {}).get("data", {}).get("max_length", cfg.data.max_length)
     return TrainRows(ids=split.select_columns(["input_ids"]), completion_start=columns["completion_start"],
                      label=label, kl_partner=columns["kl_partner"], ref_logps=tensors["ref_logps"].float(),
                      ref_kl_logps=tensors.get("ref_kl_logps"), pairs=pairs, kl_max_length=int(kl_max_length))
@@ -177,6 +183,7 @@ class TrainState:
     position: int = 0  # index of the next step within its epoch
     bco_delta: float = 0.0
     bco_count: int = 0
+    kldo_ema: float = 0.0  # 0 = not started (the authors' convention); reset at every epoch's start
 
 
 @dataclass
@@ -229,13 +236,13 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def _make_accelerator(cfg: Recipe):
+def _make_accelerator(cfg: Recipe, out: Path):
     from accelerate import Accelerator
 
     # cpu=True without a GPU lets torchrun-launched processes (`accelerate launch --multi_gpu`, or
     # recipes/accelerate/ddp-cpu-2.yaml) train on CPU with gloo.
     return Accelerator(gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-                       cpu=not torch.cuda.is_available())
+                       cpu=not torch.cuda.is_available(), **tracking.accelerator_kwargs(cfg, out))
 
 
 def _load_policy(cfg: Recipe, device: torch.device, checkpoint: Path | None):
@@ -267,11 +274,13 @@ def _add_lora(cfg: Recipe, model, checkpoint: Path | None):
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad into the layers
     if checkpoint is not None:
-        return PeftModel.from_pretrained(model, str(checkpoint / "model"), is_trainable=True)
+        with building_peft_model():
+            return PeftModel.from_pretrained(model, str(checkpoint / "model"), is_trainable=True)
     config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                         target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, config)
+        with building_peft_model():
+            return get_peft_model(model, config)
     except ValueError as err:
         raise UserError(f"lora.target_modules {cfg.lora.target_modules} do not fit {cfg.model.name}: "
                         f"{' '.join(str(err).split())[:200]}") from None
@@ -309,6 +318,16 @@ def _static_loss_kwargs(cfg: Recipe, alpha: float | None, preferred_fraction: fl
                 "undesirable_weight": cfg.loss.undesirable_weight}
     if name in ("bco", "dpo"):
         return {"beta": cfg.loss.beta}
+    if name == "pro":
+        return {"beta": cfg.loss.beta, "alpha": cfg.loss.pro_alpha, "weighting": cfg.loss.pro_weighting,
+                "preferred_fraction": preferred_fraction}
+    if name == "kldo":
+        return {"beta": cfg.loss.beta, "estimator": cfg.loss.kldo_estimator}
+    if name == "bpo":
+        return {"beta": cfg.loss.beta, "divergence": cfg.loss.bpo_divergence, "lam": cfg.loss.bpo_lam,
+                "ratio_min": cfg.loss.bpo_ratio_min}
+    if name == "pmle":
+        return {"gamma": cfg.loss.pmle_gamma}
     return {}
 
 
@@ -324,7 +343,7 @@ def _resolve_alpha(cfg: Recipe, preferred_fraction: float | None) -> float | Non
 def _schedule(cfg: Recipe, units: int, units_per_step: int, data_dir: Path) -> tuple[int, int]:
     steps_per_epoch = units // units_per_step
     if steps_per_epoch == 0:
-        what = "pairs" if cfg.loss.name == "dpo" else "rows"
+        what = "pairs" if losses.LOSSES[cfg.loss.name].needs_pairs else "rows"
         raise UserError(f"{data_dir}: the training split has {units} {what}, fewer than one optimizer step takes "
                         f"({units_per_step}); lower train.batch_size or train.gradient_accumulation_steps")
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
@@ -498,7 +517,7 @@ def _restore_checkpoint(session: Session, checkpoint: Path) -> None:
         raise UserError(f"{checkpoint}: written by {len(body['rng'])} processes, resumed with "
                         f"{accelerator.num_processes}; resume with the same launch settings")
     _set_rng_state(body["rng"][accelerator.process_index])
-    session.state = TrainState(**{k: body[k] for k in vars(TrainState())})
+    session.state = TrainState(**{k: body[k] for k in vars(TrainState()) if k in body})  # older: no kldo_ema
     session.last_checkpoint = checkpoint
 
 
@@ -522,7 +541,7 @@ def _append_metrics(path: Path, row: dict) -> None:
             raise
 
 
-def _save_final(session: Session, tokenizer) -> Path:
+def _save_final(session: Session, tokenizer, dataset: str) -> Path:
     final = session.out / "final"
     if not session.accelerator.is_main_process:
         _save_model(session, final)  # only takes part in gathering the weights
@@ -534,6 +553,11 @@ def _save_final(session: Session, tokenizer) -> Path:
             _save_model(session, tmp)
             tokenizer.save_pretrained(str(tmp))
             (tmp / "recipe.toml").write_text(session.cfg.to_toml(), encoding="utf-8")
+            # after the weights: replaces the empty template peft writes next to an adapter
+            metadata = model_card.training_metadata(
+                session.cfg, adapter=session.cfg.lora.enabled, steps=session.state.step, dataset=dataset,
+                alpha=session.loss_kwargs.get("alpha"), processes=session.accelerator.num_processes)
+            model_card.write(tmp, metadata, name=session.out.resolve().parent.name)
     session.accelerator.wait_for_everyone()
     return final
 
@@ -588,11 +612,17 @@ def _micro_step(session: Session, rows: np.ndarray, loss_scale: float) -> dict:
     logratios = session.policy(groups)[restore] - rows_data.ref_logps[index].to(accelerator.device)
     labels = torch.from_numpy(rows_data.label[rows]).to(accelerator.device)
     gathered = accelerator.gather(torch.stack([logratios.detach(), labels.float()], dim=1))
-    if spec.stateful:  # BCO: delta includes this global batch before the loss
+    if spec.state == "bco_delta":  # BCO: delta includes this global batch before the loss
         state = session.state
         state.bco_delta, state.bco_count = losses.bco_update_delta(
             state.bco_delta, state.bco_count, kwargs["beta"] * gathered[:, 0])
         kwargs["delta"] = state.bco_delta
+    if spec.state == "kldo_ema":  # KLDO: m includes this global batch; its statistics come from all rows
+        batch_labels = gathered[:, 1].bool()
+        if kwargs["estimator"] == "ma":
+            session.state.kldo_ema = losses.kldo_update_ema(
+                session.state.kldo_ema, kwargs["beta"] * gathered[~batch_labels, 0], rate=session.cfg.loss.kldo_rate)
+        kwargs.update(ema=session.state.kldo_ema, batch_logratios=gathered[:, 0], batch_labels=batch_labels)
     if spec.needs_pairs:
         half = len(rows) // 2
         output = spec.fn(logratios[:half], logratios[half:], **kwargs)
@@ -640,8 +670,10 @@ def _optimizer_step(session: Session, units: np.ndarray) -> dict:
     stat_kwargs = dict(session.loss_kwargs)
     if session.spec.needs_kl:
         stat_kwargs["kl_ref_point"] = torch.stack([m["kl_ref_point"] for m in micro]).mean()
-    if session.spec.stateful:
+    if session.spec.state == "bco_delta":
         stat_kwargs["delta"] = session.state.bco_delta
+    if session.spec.state == "kldo_ema":
+        stat_kwargs["ema"] = session.state.kldo_ema
     if session.spec.needs_pairs:
         stats = session.spec.fn(logratios[labels], logratios[~labels], **stat_kwargs).stats
     else:
@@ -650,7 +682,7 @@ def _optimizer_step(session: Session, units: np.ndarray) -> dict:
             **{name: value.item() for name, value in stats.items()}}
 
 
-def _train_loop(session: Session, progress, task, tensorboard) -> None:
+def _train_loop(session: Session, progress, task) -> None:
     accelerator, cfg, state = session.accelerator, session.cfg, session.state
     metrics_path = session.out / METRICS_FILE
     with _stop_requests() as stop:
@@ -662,16 +694,14 @@ def _train_loop(session: Session, progress, task, tensorboard) -> None:
             epoch_progress = state.epoch + state.position / session.steps_per_epoch
             if state.position == session.steps_per_epoch:
                 state.epoch, state.position = state.epoch + 1, 0
+                state.kldo_ema = 0.0  # KLDO's authors restart the moving average every epoch
             tokens_per_s = record.pop("tokens") / max(time.perf_counter() - began, 1e-9)
             row = {"step": state.step, "epoch": round(epoch_progress, 6), "tokens_per_s": round(tokens_per_s, 1),
                    **{k: (v if v is not None and math.isfinite(v) else None) for k, v in record.items()}}
             if accelerator.is_main_process and (state.step % cfg.train.log_every == 0
                                                 or state.step == session.total_steps):
                 _append_metrics(metrics_path, row)
-                if tensorboard is not None:
-                    for name, value in row.items():
-                        if name != "step" and value is not None:
-                            tensorboard.add_scalar(f"train/{name}", value, state.step)
+                tracking.log(accelerator, row)
             progress.update(task, advance=1, loss=f"loss {record['loss']:.4f}",
                             speed=f"{tokens_per_s:,.0f} tok/s")
             stopping = stop["stop"]
@@ -683,17 +713,6 @@ def _train_loop(session: Session, progress, task, tensorboard) -> None:
                 _save_checkpoint(session)
             if stopping:
                 raise KeyboardInterrupt
-
-
-def _open_tensorboard(cfg: Recipe, out: Path, is_main: bool):
-    if not cfg.train.tensorboard or not is_main:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("train.tensorboard = true needs the tensorboard package: pip install tensorboard "
-                        "(or set train.tensorboard = false)") from None
-    return SummaryWriter(log_dir=str(out / "tb"))
 
 
 def _load_tokenizer(cfg: Recipe):
@@ -727,10 +746,11 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
 
     # validate inputs
     data_manifest, logprobs_manifest = _read_inputs(cfg, data_dir, logprobs_dir, spec)
-    accelerator = _make_accelerator(cfg)
+    accelerator = _make_accelerator(cfg, out)
     outputs.claim(out, "train", inputs=[data_dir, logprobs_dir, *outputs.local_paths(cfg.model.name)],
                   is_main=accelerator.is_main_process, share=outputs.broadcast_from_main(accelerator))
-    inputs = {"data": data_manifest["fingerprint"], "logprobs": logprobs_manifest["fingerprint"],
+    inputs = {"data": data_manifest["fingerprint"],
+              "logprobs": logprobs_manifest["fingerprint"] if logprobs_manifest else None,
               "model": modeling.model_fingerprint(cfg.model.name, revision=cfg.model.revision or None)}
     identity = _identity(cfg, inputs, accelerator.num_processes)
     fingerprint = _fingerprint(identity)
@@ -748,7 +768,6 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
             console.print(f"train: {out} is up to date (use --force to retrain)", soft_wrap=True)
         return out
     accelerator.wait_for_everyone()
-    tensorboard = _open_tensorboard(cfg, out, accelerator.is_main_process)
 
     # set up: policy, optimizer, schedule
     set_seed(cfg.train.seed)
@@ -785,17 +804,17 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     # loop
     progress = task_progress("loss", "speed")
     progress.disable = not accelerator.is_main_process
+    tracking.start(accelerator, cfg)
     try:
         with progress:
             task = progress.add_task(f"train {cfg.loss.name}", total=total_steps, completed=session.state.step,
                                      loss="", speed="")
-            _train_loop(session, progress, task, tensorboard)
+            _train_loop(session, progress, task)
     finally:
-        if tensorboard is not None:
-            tensorboard.close()
+        tracking.finish(accelerator)
 
     # save
-    final = _save_final(session, tokenizer)
+    final = _save_final(session, tokenizer, data_manifest.get("dataset") or cfg.data.dataset)
     if accelerator.is_main_process:
         counts = {"steps": session.state.step, "steps_per_epoch": steps_per_epoch, "train_units": rows.units(),
                   "processes": accelerator.num_processes,

@@ -56,3 +56,28 @@ def test_pipeline_through_the_cli(consistency_cli, tmp_path):
     assert results["cli"]["rdro-balanced"]["tv"] < tv_init
     assert results["cli"]["rdro-balanced"]["alpha"] == pytest.approx(results["preferred_fraction"])
     print(consistency_cli.format_table(results))
+
+
+@pytest.mark.slow
+def test_new_losses_through_the_cli(consistency_cli, tmp_path):
+    new = consistency_cli.consistency.NEW_METHODS
+    results = consistency_cli.run(400, workdir=tmp_path, methods=new, ref_steps=150, epochs=3, tabular=False,
+                                  log=lambda *_: None)
+    json.dumps(results)
+    tv_init = results["reference"]["tv_reference_to_p_plus"]
+    assert set(results["cli"]) == set(new)
+    for method, r in results["cli"].items():
+        assert 0.0 <= r["tv"] <= 1.0 and r["steps"] > 0, method
+        assert 0.0 <= r["mass_p_minus_zero"] <= 1.0 and math.isfinite(r["final_max_logratio"]), method
+        # every loss trained: its policy moved away from pi_ref
+        assert r["tv"] != pytest.approx(tv_init, abs=1e-4), method
+        kind, derived, _ = results["predictions"][method]
+        assert kind in ("=", ">=") and 0.0 <= derived <= 1.0, method
+    # reference-free: no logged log-ratio maximum (it logs s_pol), everything else is
+    assert math.isnan(results["cli"]["pmle"]["max_logratio"])
+    assert all(math.isfinite(r["max_logratio"]) for m, r in results["cli"].items() if m != "pmle")
+    # bpo-lr is DPO: one training run of it ends where a dpo run ends
+    dpo = consistency_cli.run(400, workdir=tmp_path / "dpo", methods=("dpo",), ref_steps=150, epochs=3,
+                              tabular=False, log=lambda *_: None)
+    assert dpo["cli"]["dpo"]["tv"] == pytest.approx(results["cli"]["bpo-lr"]["tv"], abs=1e-4)
+    print(consistency_cli.format_table(results))

@@ -11,6 +11,7 @@ from conftest import FIXTURES, systematic_rows, write_jsonl
 from safetensors.numpy import save_file
 
 from rdro_cli import metrics, report
+from rdro_cli.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CURVES = ["loss", "learning_rate", "grad_norm", "logratio", "logratio_max", "tokens_per_s"]
@@ -194,8 +195,9 @@ def test_resumed_steps_keep_the_newest_row_and_stale_plots_go(tmp_path):
     path.write_text(path.read_text() + json.dumps({"step": 3, "loss": 9.0}) + "\n")
     assert [r["step"] for r in report.read_metrics(path)] == [1, 2, 3, 4]
     assert report.read_metrics(path)[2]["loss"] == 9.0
-    (run / "report").mkdir()
+    (run / "report").mkdir()  # an earlier report (of rdro 0.1, without the stage mark)
     (run / "report" / "delta.png").write_bytes(b"old")
+    (run / "report" / "report.md").write_text("old")
     report.run(None, runs=[run])
     assert not (run / "report" / "delta.png").exists()
     assert "auto (= 0.6065)" in (run / "report" / "report.md").read_text()  # exp(-0.5) from the bound
@@ -251,3 +253,13 @@ def test_help_explains_every_flag(cli):
     for flag in ("--recipe", "--run", "--baseline", "--out"):
         assert flag in stdout
     assert "eval-base" in stdout
+
+
+def test_report_never_writes_into_a_directory_of_someone_elses_files(tmp_path):
+    run = write_run(tmp_path / "r", "rdro", 4)
+    mine = tmp_path / "pictures"
+    mine.mkdir()
+    (mine / "loss.png").write_bytes(b"my own picture")
+    with pytest.raises(UserError, match="holds files rdro did not write"):
+        report.run(None, runs=[run], out=mine)
+    assert (mine / "loss.png").read_bytes() == b"my own picture" and len(list(mine.iterdir())) == 1
