@@ -292,13 +292,17 @@ def report(
             lambda m, cfg: m.run(cfg, runs=run_dirs or None, out=out, baseline=baseline))
 
 
-@app.command()
-def verify(run_dir: Path = typer.Argument(..., help="A run directory (or one stage's directory).")) -> None:
+@_command(examples=["rdro verify runs/tiny-cpu", "rdro verify --recipe recipes/tiny-cpu.toml"])
+def verify(
+    run_dir: Path = typer.Argument(None, help="A run directory, or one stage's directory (default: output.dir)."),
+    recipe: Path = RecipeOpt,
+    sets: list[str] = SetOpt,
+) -> None:
     """Check every artifact of a run (and each training checkpoint) against its recorded digests.
 
     Prints a table of stages and their status; exits 0 only if everything is intact, 1 if not.
     """
-    _invoke("verify", None, None, {}, lambda m, cfg: m.run(run_dir))
+    _invoke("verify", recipe, sets, {}, lambda m, cfg: m.run(run_dir or cfg.run_dir))
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m rdro_cli`

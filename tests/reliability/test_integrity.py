@@ -298,6 +298,8 @@ def test_verify_prints_every_stage_and_exits_0_on_an_intact_run(tiny_run):
     for name in ("data", "logprobs", "train", "merged", "eval", "step-0000002", "step-0000004"):
         assert any(name in line and " ok " in f" {line} " for line in output.splitlines()), (name, output)
     assert "7 artifacts intact" in output
+    result = CliRunner().invoke(app, ["verify", "--set", f"output.dir={json.dumps(str(run))}"])
+    assert result.exit_code == 0 and "7 artifacts intact" in result.stderr  # RUN_DIR defaults to output.dir
 
 
 def test_verify_on_a_missing_dir_is_one_line(tmp_path):
