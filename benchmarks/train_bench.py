@@ -41,8 +41,9 @@ model load and trainer construction included) is reported apart.
     python benchmarks/train_bench.py --mfu --device cuda --dtype bfloat16 --arch qwen2-1.5b --batch-size 32
 
 ``--mfu`` runs ``a`` only, full fine-tuning and LoRA, and reports MFU = 6 × params × tokens / seconds / peak
-(peak 989e12 FLOP/s: H100 SXM dense bf16; ``--peak-flops`` to change), params = all model parameters (tied
-embeddings once), tokens without padding. The last stdout line is one JSON object with every figure.
+(peak: ``rdro_cli.throughput``'s dense bf16 table for the GPU, else 989e12, H100 SXM; ``--peak-flops`` to
+change), params = all model parameters (tied embeddings once), tokens without padding; also the ``mfu`` that
+``rdro train`` itself logs in metrics.jsonl. ``--set-a KEY=VALUE`` passes recipe settings to ``a`` only. The last stdout line is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -285,7 +286,7 @@ def contender_a(args, setup: dict, lora: bool = False) -> dict:
 
     work = Path(args.work)
     cuda = args.device.startswith("cuda")
-    sets = [f"lora.enabled={'true' if lora else 'false'}"]
+    sets = [f"lora.enabled={'true' if lora else 'false'}", *args.set_a]
     if args.gradient_checkpointing_a:
         sets.append("train.gradient_checkpointing=true")
     cfg = load_recipe(work / "recipe.toml", sets)
@@ -320,6 +321,7 @@ def contender_a(args, setup: dict, lora: bool = False) -> dict:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(work / "policy"))
     extra = {"metrics_tokens_per_s": [m["tokens_per_s"] for m in metrics],
+             "metrics_mfu": [m.get("mfu") for m in metrics], "set_a": list(args.set_a),
              "save_seconds": finished - marks["loop_end"], "lora": lora,
              "gradient_checkpointing": bool(args.gradient_checkpointing_a)}
     if model is not None:
@@ -562,6 +564,8 @@ def _common_argv(args) -> list[str]:
         argv.append("--mfu")
     if args.gradient_checkpointing_a:
         argv.append("--gradient-checkpointing-a")
+    for item in args.set_a:
+        argv += ["--set-a", item]
     return argv
 
 
@@ -679,16 +683,27 @@ def mfu_main(args) -> dict:
     work = Path(args.work)
     setup = _subprocess(["--contender", "setup", *_common_argv(args)], work / "log.txt")
     (work / "setup.json").write_text(json.dumps(setup))
-    out = {"mfu_formula": MFU_FORMULA, "peak_flops": args.peak_flops, "arch": args.arch,
-           "batch_size": args.batch_size}
+    peak = args.peak_flops
+    if not peak:  # the product's own table (rdro_cli.throughput), H100 SXM's 989e12 if the GPU is unknown
+        import torch
+
+        from rdro_cli import throughput
+
+        name = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
+        peak = throughput.peak_flops(name) or 989e12
+    out = {"mfu_formula": MFU_FORMULA, "peak_flops": peak, "arch": args.arch, "batch_size": args.batch_size,
+           "set_a": list(args.set_a)}
     for lora in (False, True):
         argv = ["--contender", "a", *_common_argv(args)] + (["--lora"] if lora else [])
         result = _subprocess(argv, work / "log.txt")
         flops = 6 * result["params"] * sum(result["step_tokens"])
-        mfu = flops / sum(result["step_seconds"]) / args.peak_flops
+        mfu = flops / sum(result["step_seconds"]) / peak
         key = "lora" if lora else "full"
+        product = [m for m in result["metrics_mfu"][args.warmup:] if m is not None]
         out[key] = {"tokens_per_s": result["tokens_per_s"], "seconds_per_step": result["seconds_per_step"],
-                    "peak_memory_mb": result["peak_memory_mb"], "params": result["params"], "mfu": mfu}
+                    "peak_memory_mb": result["peak_memory_mb"], "params": result["params"], "mfu": mfu,
+                    # what `rdro train` itself logs in metrics.jsonl (median over the timed steps)
+                    "metrics_mfu": statistics.median(product) if product else None}
         print(f"(a) {key:<5} {result['tokens_per_s']:>10.0f} tokens/s  {result['seconds_per_step']:.3f} s/step  "
               f"peak {result['peak_memory_mb']:.0f} MB  MFU {mfu * 100:.1f}%  ({MFU_FORMULA})", flush=True)
     out["mfu_full"], out["mfu_lora"] = out["full"]["mfu"], out["lora"]["mfu"]
@@ -770,7 +785,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mfu", action="store_true", help="(a) only, full and LoRA: model-FLOP utilisation")
-    parser.add_argument("--peak-flops", type=float, default=989e12, help="peak FLOP/s for MFU (H100 dense bf16)")
+    parser.add_argument("--peak-flops", type=float, default=0.0,
+                        help="peak FLOP/s for MFU (default: rdro_cli.throughput's bf16 table for the GPU, else "
+                             "989e12, H100 SXM dense bf16)")
+    parser.add_argument("--set-a", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra recipe setting for (a), e.g. train.packing=on (repeatable)")
     parser.add_argument("--out", type=Path, help="also write the final JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (printed)")
     # internal: one contender in this process
@@ -803,7 +822,7 @@ def main(argv: list[str] | None = None) -> None:
                 kept = Path(tempfile.mkdtemp(prefix="train-bench-kept-"))
                 subprocess.run(["cp", "-r", f"{tmp}/.", str(kept)], check=False)
                 print(f"work dir kept in {kept}", file=sys.stderr)
-    line = json.dumps(summary)
+    line = json.dumps(summary, default=str)  # config holds paths (--out)
     if args.out:
         args.out.write_text(line + "\n")
     print(line)

@@ -46,6 +46,21 @@ def _class_weights(labels: torch.Tensor, preferred_fraction: float, like: torch.
     return torch.where(labels, pos, neg)
 
 
+def _weighted(losses: torch.Tensor, labels: torch.Tensor, weighting: str,
+              preferred_fraction: float | None) -> torch.Tensor:
+    """`batch`: as they are; `balanced`: each class weighted to count half (its optimum ignores pi-hat)."""
+    if weighting == "balanced":
+        if preferred_fraction is None or not 0.0 < preferred_fraction < 1.0:
+            raise ValueError(
+                "weighting='balanced' needs preferred_fraction strictly between 0 and 1, "
+                f"got {preferred_fraction}"
+            )
+        return losses * _class_weights(labels, preferred_fraction, losses)
+    if weighting != "batch":
+        raise ValueError(f"weighting must be 'batch' or 'balanced', got {weighting!r}")
+    return losses
+
+
 def _check_inputs(logratios: torch.Tensor, labels: torch.Tensor) -> None:
     if labels.dtype != torch.bool:
         raise TypeError(f"labels must be a bool tensor (True = preferred), got {labels.dtype}")
@@ -96,15 +111,7 @@ def rdro_loss(
     preferred = F.softplus(-logratios) + alpha * softplus_r
     non_preferred = (1.0 - alpha) * softplus_r
     losses = torch.where(labels, preferred, non_preferred)
-    if weighting == "balanced":
-        if preferred_fraction is None or not 0.0 < preferred_fraction < 1.0:
-            raise ValueError(
-                "weighting='balanced' needs preferred_fraction strictly between 0 and 1, "
-                f"got {preferred_fraction}"
-            )
-        losses = losses * _class_weights(labels, preferred_fraction, losses)
-    elif weighting != "batch":
-        raise ValueError(f"weighting must be 'batch' or 'balanced', got {weighting!r}")
+    losses = _weighted(losses, labels, weighting, preferred_fraction)
 
     bound = math.log(1.0 / alpha)
     at_bound = (logratios.detach() >= bound - BOUND_TOLERANCE) & labels
@@ -236,15 +243,7 @@ def pro_loss(
     sign = torch.where(labels, 0.5, -0.5).to(logratios.dtype)
     regulariser = 0.5 * alpha * beta * (F.softplus(u) + F.softplus(-u))
     losses = -beta * sign * logratios + regulariser
-    if weighting == "balanced":
-        if preferred_fraction is None or not 0.0 < preferred_fraction < 1.0:
-            raise ValueError(
-                "weighting='balanced' needs preferred_fraction strictly between 0 and 1, "
-                f"got {preferred_fraction}"
-            )
-        losses = losses * _class_weights(labels, preferred_fraction, losses)
-    elif weighting != "batch":
-        raise ValueError(f"weighting must be 'batch' or 'balanced', got {weighting!r}")
+    losses = _weighted(losses, labels, weighting, preferred_fraction)
     return LossOutput(losses, _logratio_stats(logratios, labels))
 
 

@@ -31,11 +31,15 @@ CITATION = f"""@misc{{rdro,
 DATASET_IDS = {"mix14k": "trl-lib/kto-mix-14k", "ufg": "trl-lib/ultrafeedback-gpt-3.5-turbo-helpfulness"}
 # The loss.* keys each objective reads (train's loss arguments); alpha is recorded as resolved.
 LOSS_KEYS = {"rdro": ("alpha", "weighting"), "ddro": (), "kto": ("beta", "desirable_weight", "undesirable_weight"),
-             "bco": ("beta",), "dpo": ("beta",)}
+             "bco": ("beta",), "dpo": ("beta",), "pro": ("beta", "pro_alpha", "pro_weighting"),
+             "kldo": ("beta", "kldo_estimator", "kldo_rate"), "bpo": ("beta", "bpo_divergence", "bpo_lam", "bpo_ratio_min"),
+             "pmle": ("pmle_gamma",)}
 TRAIN_KEYS = ("learning_rate", "batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr_scheduler",
               "warmup_ratio", "weight_decay", "max_grad_norm", "seed")
 METHOD_NAMES = {"rdro": "RDRO (Relative Density Ratio Optimization)", "ddro": "DDRO (unbounded density ratio)",
-                "kto": "KTO", "bco": "BCO", "dpo": "DPO"}
+                "kto": "KTO", "bco": "BCO", "dpo": "DPO", "pro": "PRO-B (Proximalized Preference Optimization)",
+                "kldo": "KLDO (KL divergence optimisation)", "bpo": "BPO (Bregman preference optimisation)",
+                "pmle": "preference maximum likelihood"}
 
 
 def _hub_id(name: str) -> str | None:

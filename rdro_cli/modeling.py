@@ -19,6 +19,7 @@ import random
 import re
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,6 +60,28 @@ def completion_logps(
     Under DDP/FSDP do not pass the wrapped model: wrap the policy in :class:`CompletionLogps` first and let
     the launcher wrap that, so the wrapper's forward (which syncs gradients / gathers shards) runs.
     """
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(input_ids)
+    return _completion_logps(model, input_ids, attention_mask, None, completion_mask, rows, input_ids.shape[0],
+                             chunk_size)
+
+
+def packed_completion_logps(model: nn.Module, packed: PackedBatch, *, chunk_size: int = 1024) -> torch.Tensor:
+    """:func:`completion_logps` of the rows packed in `packed` (see :func:`pack`), in their order, ``[rows]``.
+
+    The body sees one row, no attention mask and ``position_ids`` that restart at 0 for every packed row;
+    transformers turns that into per-row causal attention (flash-attention's varlen kernels, or a
+    block-diagonal mask for sdpa/eager), so each row attends to itself only, at its own positions: the same
+    computation as the padded path without a single padded position. Checked once per model against the
+    padded path (:func:`_check_packing_is_exact`).
+    """
+    _check_packing_is_exact(model, packed, chunk_size)
+    return _completion_logps(model, packed.input_ids, None, packed.position_ids, packed.completion_mask,
+                             packed.row_index.unsqueeze(0), packed.rows, chunk_size)
+
+
+def _completion_logps(model, input_ids, attention_mask, position_ids, completion_mask, row_index, rows,
+                      chunk_size) -> torch.Tensor:
+    """Shared by the padded and the packed path: ``row_index[b, t]`` is the output row of token (b, t)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     causal_lm = _causal_lm(model)
@@ -67,15 +90,16 @@ def completion_logps(
     completion_mask = completion_mask.to(device=input_ids.device, dtype=torch.bool)
     if bool(completion_mask[:, 0].any()):
         raise ValueError("completion_mask is True at position 0; completion_start must be >= 1")
-    _check_head_reproduces_model(causal_lm, body, head, scale, softcap, input_ids, attention_mask)
+    if attention_mask is not None:
+        _check_head_reproduces_model(causal_lm, body, head, scale, softcap, input_ids, attention_mask)
 
-    hidden = _last_hidden_state(body, input_ids, attention_mask)
-    predicts = completion_mask[:, 1:]  # position t-1 predicts completion token t
+    hidden = _last_hidden_state(body, input_ids, attention_mask, position_ids)
+    # position t-1 predicts completion token t; in a packed row the last token of one row "predicts" the
+    # first of the next, which is never a completion token (completion_start >= 1), so rows never mix
+    predicts = completion_mask[:, 1:]
     hidden = hidden[:, :-1][predicts]  # [N, hidden]
     targets = input_ids[:, 1:][predicts]
-    rows = (
-        torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(predicts)[predicts]
-    )
+    row_of = row_index[:, 1:][predicts]
 
     if _is_plain_linear(head):
         weight, bias = head.weight, head.bias
@@ -90,8 +114,8 @@ def completion_logps(
     else:
         token_logps = _module_head_logps(head, hidden, targets, chunk_size, scale, softcap)
 
-    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return sums.index_add(0, rows, token_logps)
+    sums = torch.zeros(rows, dtype=torch.float32, device=input_ids.device)
+    return sums.index_add(0, row_of, token_logps)
 
 
 class CompletionLogps(nn.Module):
@@ -108,8 +132,11 @@ class CompletionLogps(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, *batch):
-        """``(input_ids, attention_mask, completion_mask)``, or one list of such triples (length groups),
-        whose results are concatenated in order: one forward call either way, as DDP/FSDP need."""
+        """``(input_ids, attention_mask, completion_mask)``, one list of such triples (length groups), whose
+        results are concatenated in order, or one :class:`PackedBatch`: one forward call each way, as
+        DDP/FSDP need."""
+        if len(batch) == 1 and isinstance(batch[0], PackedBatch):
+            return packed_completion_logps(self.model, batch[0], chunk_size=self.chunk_size)
         if len(batch) == 1:
             return torch.cat([completion_logps(self.model, *group, chunk_size=self.chunk_size) for group in batch[0]])
         return completion_logps(self.model, *batch, chunk_size=self.chunk_size)
@@ -285,10 +312,11 @@ def _logit_transform(causal_lm: nn.Module) -> tuple[float, float | None]:
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _last_hidden_state(body: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+def _last_hidden_state(body: nn.Module, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
     scope = sdpa_kernel(_SDPA_BACKENDS) if input_ids.is_cuda else contextlib.nullcontext()
+    kwargs = {} if position_ids is None else {"position_ids": position_ids}
     with scope:
-        out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
@@ -540,13 +568,15 @@ def token_budget_batches(
     return batches
 
 
-def length_groups(lengths: Sequence[int], *, max_tokens: int, group_cost: int = 512) -> list[list[int]]:
+def length_groups(lengths: Sequence[int], *, max_tokens: int, group_cost: float = 512) -> list[list[int]]:
     """Row indices split into groups of similar length that minimise padded tokens + ``group_cost`` per group.
 
     Rows are sorted longest first; an exact dynamic programme over the cut points picks the groups
     (each costs rows × its longest row in padded tokens, plus ``group_cost`` for the extra forward pass),
     with at most ``max_tokens`` padded tokens per group unless a single row is longer. The result is the
-    same computation on far fewer padded positions than one batch padded to its longest row.
+    same computation on far fewer padded positions than one batch padded to its longest row. Training passes
+    the device's measured ``group_cost`` (``rdro_cli.throughput``): large on a GPU, where it collapses most
+    micro-batches to one forward, small on a CPU.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
     longest = [max(int(lengths[i]), 1) for i in order]
@@ -568,15 +598,18 @@ def length_groups(lengths: Sequence[int], *, max_tokens: int, group_cost: int = 
 
 
 def collate(
-    rows_input_ids: Sequence[Sequence[int]], completion_starts: Sequence[int], pad_id: int
+    rows_input_ids: Sequence[Sequence[int]], completion_starts: Sequence[int], pad_id: int, *, bucket: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids long, attention_mask long 0/1, completion_mask bool)``, each ``[rows, longest]``.
+    """Right-padded ``(input_ids long, attention_mask long 0/1, completion_mask bool)``, each ``[rows, longest]``
+    (``[rows, bucket_length(longest)]`` with `bucket`, so that a compiled body sees few distinct shapes).
 
     ``completion_mask[b, t]`` is True for ``completion_starts[b] <= t < len(row b)``.
     """
     if len(rows_input_ids) != len(completion_starts):
         raise ValueError("rows_input_ids and completion_starts differ in length")
     width = max((len(r) for r in rows_input_ids), default=0)
+    if bucket and width:
+        width = bucket_length(width)
     input_ids = torch.full((len(rows_input_ids), width), int(pad_id), dtype=torch.long)
     attention_mask = torch.zeros((len(rows_input_ids), width), dtype=torch.long)
     completion_mask = torch.zeros((len(rows_input_ids), width), dtype=torch.bool)
@@ -606,3 +639,156 @@ def mismatched_ids(
     prompt = list(prompt_ids_row)[-(max_length - 1) :]
     completion = list(completion_ids_row)[: max_length - len(prompt)]
     return prompt + completion, len(prompt)
+
+
+def bucket_length(n: int, *, smallest: int = 16) -> int:
+    """The smallest of 16, 24, 32, 48, 64, 96, ... (2^k and 1.5·2^k) that is >= n: at most a third of a
+    bucketed batch is padding, and lengths up to 8192 fall in 19 buckets."""
+    size = smallest
+    while True:
+        if size >= n:
+            return size
+        if size * 3 // 2 >= n:
+            return size * 3 // 2
+        size *= 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packing: a micro-batch as one row without padding
+
+
+@dataclass
+class PackedBatch:
+    """Rows concatenated into one: ``input_ids``, ``position_ids`` (0, 1, ... restarting per row) and
+    ``completion_mask``, each ``[1, T]``; ``row_index[t]`` is the row of token t (``rows`` for a padding
+    segment, see :func:`pack`); ``cu_seqlens`` ``[segments + 1]`` int32 the row boundaries as flash-attention's
+    varlen kernels take them; ``tokens`` the real tokens."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    row_index: torch.Tensor
+    cu_seqlens: torch.Tensor
+    rows: int
+    tokens: int
+
+    def to(self, device) -> PackedBatch:
+        moved = {name: getattr(self, name).to(device) for name in
+                 ("input_ids", "position_ids", "completion_mask", "row_index", "cu_seqlens")}
+        return PackedBatch(**moved, rows=self.rows, tokens=self.tokens)
+
+
+def pack(rows_input_ids: Sequence[Sequence[int]], completion_starts: Sequence[int], pad_id: int, *,
+         bucket: bool = False) -> PackedBatch:
+    """The rows one after another in a single row. With `bucket`, a padding segment (its own positions from
+    0, its own row index ``rows``, never a completion) fills the row up to ``bucket_length(T)``; it attends
+    only to itself and its results are dropped."""
+    if len(rows_input_ids) != len(completion_starts):
+        raise ValueError("rows_input_ids and completion_starts differ in length")
+    ids, positions, completion, row_index, bounds = [], [], [], [], [0]
+    for b, (row, start) in enumerate(zip(rows_input_ids, completion_starts, strict=True)):
+        if not 1 <= start < len(row):
+            raise ValueError(f"row {b}: completion_start {start} outside [1, {len(row)})")
+        ids += list(row)
+        positions += range(len(row))
+        completion += [False] * start + [True] * (len(row) - start)
+        row_index += [b] * len(row)
+        bounds.append(bounds[-1] + len(row))
+    tokens = len(ids)
+    if bucket and tokens:
+        extra = bucket_length(tokens) - tokens
+        if extra:
+            ids += [int(pad_id)] * extra
+            positions += range(extra)
+            completion += [False] * extra
+            row_index += [len(rows_input_ids)] * extra
+            bounds.append(bounds[-1] + extra)
+    return PackedBatch(input_ids=torch.tensor([ids], dtype=torch.long),
+                       position_ids=torch.tensor([positions], dtype=torch.long),
+                       completion_mask=torch.tensor([completion], dtype=torch.bool),
+                       row_index=torch.tensor(row_index, dtype=torch.long),
+                       cu_seqlens=torch.tensor(bounds, dtype=torch.int32), rows=len(rows_input_ids), tokens=tokens)
+
+
+def batch_tokens(batch) -> torch.Tensor | int:
+    """Real (unpadded) tokens of a :class:`PackedBatch` or of a list of collated length groups."""
+    if isinstance(batch, PackedBatch):
+        return torch.tensor(batch.tokens, device=batch.input_ids.device)  # summed with on-device losses
+    return sum(attention_mask.sum() for _, attention_mask, _ in batch)
+
+
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def attention_implementation(model: nn.Module) -> str:
+    return str(getattr(_causal_lm(model).config, "_attn_implementation", None) or "eager")
+
+
+def packing_supported() -> bool:
+    """transformers builds per-row causal attention from restarting ``position_ids`` (masking_utils' packed
+    sequence detection; the flash-attention integration derives cu_seqlens from them the same way)."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_packing(setting: str, model: nn.Module) -> bool:
+    """``train.packing``: "off"; "on" (any attention implementation: with sdpa/eager the block-diagonal mask
+    is exact but dense, T² for the whole packed row); "auto" = on only with a varlen flash-attention kernel,
+    where packing costs no attention work at all and saves every padded position."""
+    if setting == "off":
+        return False
+    if not packing_supported():
+        if setting == "on":
+            import transformers
+
+            raise UserError(f"train.packing = on needs transformers' packed-sequence masks (masking_utils), "
+                            f"which transformers {transformers.__version__} lacks; set train.packing = auto or off")
+        return False
+    return setting == "on" or attention_implementation(model) in VARLEN_ATTENTION
+
+
+_PACKING_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def _check_packing_is_exact(model, packed: PackedBatch, chunk_size: int) -> None:
+    """Once per model: the packed path must reproduce the padded path's per-row log-probs on two short rows
+    (an architecture that builds its attention mask without looking at position_ids would mix rows)."""
+    causal_lm = _causal_lm(model)
+    if _PACKING_CHECKED.get(causal_lm):
+        return
+    ids = packed.input_ids[0, : packed.tokens].tolist()
+    ids = (ids * 20)[:20]
+    rows, starts = [ids[:12], ids[12:]], [5, 3]
+    device = packed.input_ids.device
+    training = {m: m.training for m in causal_lm.modules()}
+    causal_lm.eval()  # dropout would make the two forwards differ
+    try:
+        padded = completion_logps(model, *(t.to(device) for t in collate(rows, starts, 0)), chunk_size=chunk_size)
+        check = pack(rows, starts, 0).to(device)
+        got = _completion_logps(model, check.input_ids, None, check.position_ids, check.completion_mask,
+                                check.row_index.unsqueeze(0), check.rows, chunk_size)
+    finally:
+        for module, flag in training.items():
+            module.training = flag
+    low_precision = next(causal_lm.parameters()).dtype in (torch.bfloat16, torch.float16)
+    tol = (3e-2 if low_precision else 1e-4) * max(1.0, padded.abs().max().item())
+    err = (got - padded).abs().max().item()
+    if not err <= tol:
+        model_type = getattr(causal_lm.config, "model_type", type(causal_lm).__name__)
+        raise UserError(f"train.packing: packed rows of model type {model_type!r} do not reproduce the padded "
+                        f"log-probs (max difference {err:.3g}); set train.packing = off")
+    _PACKING_CHECKED[causal_lm] = True
+
+
+def compile_body(model: nn.Module) -> nn.Module:
+    """``train.compile``: the transformer body compiled in place (``nn.Module.compile``: parameter names and
+    the module tree stay as they are, so saving, peft and FSDP see the same model). Shapes stay few because
+    training then pads lengths to :func:`bucket_length` buckets; dynamic dimensions are left to torch's
+    automatic detection (a dimension seen with two sizes is made symbolic instead of recompiling again)."""
+    body, _ = _body_and_head(_causal_lm(model))
+    body.compile()
+    return model

@@ -58,6 +58,10 @@ def _half_open_unit(v):
     return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
+def _auto_or_non_negative(v):
+    return None if v == "auto" or v >= 0 else 'must be >= 0 or "auto"'
+
+
 def _alpha(v):
     return None if v == "auto" or 0 < v < 1 else 'must be in (0, 1) or "auto"'
 
@@ -130,6 +134,15 @@ class TrainSection:
     chunk_size: int = _opt(1024, "completion positions per LM-head chunk", check=_positive)
     max_tokens_per_batch: int = _opt(16384, "padded-token cap of one length group within a micro-batch",
                                      check=_positive)
+    group_cost: Any = _opt("auto", 'cost of one more forward in padded tokens when splitting a micro-batch into '
+                           'length groups; "auto" = measured on the device at start-up (cached)',
+                           check=_auto_or_non_negative)
+    packing: str = _opt("auto", "pack a micro-batch into one row without padding: auto = with flash-attention's "
+                        "varlen kernels only; on = also with sdpa/eager (exact, dense mask); off",
+                        choices=("auto", "on", "off"))
+    compile: bool = _opt(False, "torch.compile the transformer body (lengths padded to a few bucket sizes)")
+    peak_flops: float = _opt(0.0, "peak FLOP/s of one GPU for the MFU figure (0 = look up the GPU's bf16 peak)",
+                             check=_non_negative)
     save_every: int = _opt(0, "checkpoint every N optimizer steps (0 = only at the end)", check=_non_negative)
     keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep", check=_positive)
     log_every: int = _opt(1, "write metrics every N steps", check=_positive)

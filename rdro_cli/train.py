@@ -39,7 +39,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rdro_cli import artifacts, diskspace, integrity, losses, model_card, modeling, outputs, tracking
+from rdro_cli import (
+    artifacts,
+    diskspace,
+    integrity,
+    losses,
+    model_card,
+    modeling,
+    outputs,
+    throughput,
+    tracking,
+)
 from rdro_cli.errors import UserError
 from rdro_cli.peft_compat import building_peft_model
 from rdro_cli.recipe import Recipe
@@ -49,7 +59,7 @@ STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 # train.* keys that do not change the trained weights: a run may resume with different values
 NOT_IN_FINGERPRINT = {"save_every", "keep_checkpoints", "log_every", "report_to", "gradient_checkpointing",
-                      "chunk_size", "max_tokens_per_batch"}
+                      "chunk_size", "max_tokens_per_batch", "group_cost", "packing", "compile", "peak_flops"}
 # train.* keys that only say how long to train: they may grow on --resume (see _open_output)
 LENGTH_KEYS = {"max_steps", "epochs"}
 
@@ -71,6 +81,7 @@ class TrainRows:
     kl_max_length: int
     pad_id: int = 0
     device: torch.device = torch.device("cpu")
+    plan: throughput.BatchingPlan | None = None  # None: length groups at modeling.length_groups' default cost
 
     def units(self) -> int:
         return len(self.pairs) if self.pairs is not None else len(self.label)
@@ -84,8 +95,13 @@ class TrainRows:
         puts their concatenated results back in the order of `rows`."""
         ids = self.ids[rows.tolist()]["input_ids"]
         starts = self.completion_start[rows].tolist()
-        groups = modeling.length_groups([len(r) for r in ids], max_tokens=max_tokens)
-        tensors = [modeling.collate([ids[i] for i in g], [starts[i] for i in g], self.pad_id) for g in groups]
+        plan = self.plan or throughput.BatchingPlan(pack=False, group_cost=512, bucket=False, source="default")
+        if plan.pack:  # one row, results already in order
+            return torch.arange(len(ids), device=self.device), modeling.pack(ids, starts, self.pad_id,
+                                                                             bucket=plan.bucket).to(self.device)
+        groups = modeling.length_groups([len(r) for r in ids], max_tokens=max_tokens, group_cost=plan.group_cost)
+        tensors = [modeling.collate([ids[i] for i in g], [starts[i] for i in g], self.pad_id, bucket=plan.bucket)
+                   for g in groups]
         order = torch.as_tensor([i for g in groups for i in g])
         restore = torch.empty_like(order)
         restore[order] = torch.arange(len(order))
@@ -204,6 +220,7 @@ class Session:
     total_steps: int
     state: TrainState = field(default_factory=TrainState)
     last_checkpoint: Path | None = None
+    mfu_scale: float | None = None  # throughput.mfu_scale: MFU = scale * tokens / seconds (None on CPU)
 
 
 def _identity(cfg: Recipe, inputs: dict, processes: int) -> dict:
@@ -629,7 +646,7 @@ def _micro_step(session: Session, rows: np.ndarray, loss_scale: float) -> dict:
     else:
         output = spec.fn(logratios, labels, **kwargs)
     accelerator.backward(output.losses.sum() * loss_scale)
-    tokens = sum(attention_mask.sum() for _, attention_mask, _ in groups)
+    tokens = modeling.batch_tokens(groups)
     return {"loss_sum": output.losses.detach().sum(), "tokens": tokens, "gathered": gathered,
             **extra}
 
@@ -695,15 +712,17 @@ def _train_loop(session: Session, progress, task) -> None:
             if state.position == session.steps_per_epoch:
                 state.epoch, state.position = state.epoch + 1, 0
                 state.kldo_ema = 0.0  # KLDO's authors restart the moving average every epoch
-            tokens_per_s = record.pop("tokens") / max(time.perf_counter() - began, 1e-9)
+            seconds, tokens = max(time.perf_counter() - began, 1e-9), record.pop("tokens")
+            tokens_per_s, mfu = tokens / seconds, throughput.step_mfu(session.mfu_scale, tokens, seconds)
             row = {"step": state.step, "epoch": round(epoch_progress, 6), "tokens_per_s": round(tokens_per_s, 1),
+                   **({} if mfu is None else {"mfu": mfu}),  # absent off CUDA
                    **{k: (v if v is not None and math.isfinite(v) else None) for k, v in record.items()}}
             if accelerator.is_main_process and (state.step % cfg.train.log_every == 0
                                                 or state.step == session.total_steps):
                 _append_metrics(metrics_path, row)
                 tracking.log(accelerator, row)
             progress.update(task, advance=1, loss=f"loss {record['loss']:.4f}",
-                            speed=f"{tokens_per_s:,.0f} tok/s")
+                            speed=throughput.speed_text(tokens_per_s, mfu))
             stopping = stop["stop"]
             if accelerator.num_processes > 1:  # every process must stop after the same step
                 stopping = bool(accelerator.reduce(torch.tensor(float(stopping), device=accelerator.device),
@@ -780,10 +799,18 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     rows.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     wrapper = modeling.CompletionLogps(model, chunk_size=cfg.train.chunk_size)
     wrapper._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP auto-wrap looks at the root
+    mfu_scale = throughput.mfu_scale(model, accelerator.device, next(model.parameters()).dtype,
+                                     cfg.train.peak_flops, accelerator.num_processes)
     optimizer = _make_optimizer(cfg, model, accelerator.distributed_type.value)
     if accelerator.distributed_type.value == "DEEPSPEED":  # no dataloader to infer it from
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
     policy, optimizer = accelerator.prepare(wrapper, optimizer)
+    rows.plan = throughput.batching_plan(cfg.train, model, policy, accelerator.device, fingerprint=inputs["model"],
+                                         lora=cfg.lora.enabled)
+    if cfg.train.compile:  # after the measurement, which would otherwise compile no-grad graphs
+        modeling.compile_body(model)
+    if accelerator.is_main_process:
+        console.print(rows.plan.describe(), soft_wrap=True)
     warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
     # not prepared: accelerate would step it once per process
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -791,7 +818,7 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     session = Session(cfg=cfg, accelerator=accelerator, policy=policy, optimizer=optimizer, scheduler=scheduler,
                       rows=rows, spec=spec, loss_kwargs=_static_loss_kwargs(cfg, alpha, preferred_fraction),
                       out=out, fingerprint=fingerprint, identity=identity, units_per_micro=units_per_micro,
-                      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+                      steps_per_epoch=steps_per_epoch, total_steps=total_steps, mfu_scale=mfu_scale)
     if isinstance(checkpoint, Path):
         _restore_checkpoint(session, checkpoint)
     if accelerator.is_main_process:

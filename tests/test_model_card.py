@@ -138,3 +138,12 @@ def test_merging_a_foreign_adapter_says_what_is_known(cli, tmp_path, tiny_llama)
     assert data["library_name"] == "transformers" and data["tags"] == ["rdro-cli", "merged"]
     assert data["rdro"]["merged_from"] == str(adapter) and data["rdro"]["base_model"] == str(tiny_llama)
     assert "carried no rdro model card" in text and "model-index" not in data
+
+
+def test_every_loss_has_card_metadata_naming_real_recipe_keys():
+    from rdro_cli import model_card
+    from rdro_cli.recipe import LOSS_NAMES, LossSection
+
+    assert set(model_card.LOSS_KEYS) == set(LOSS_NAMES) == set(model_card.METHOD_NAMES)
+    for keys in model_card.LOSS_KEYS.values():
+        assert all(hasattr(LossSection(), key) for key in keys)

@@ -356,3 +356,98 @@ def test_length_groups_are_the_cheapest_contiguous_split_of_sorted_rows():
     lengths = [900, 600, 400, 300, 250, 200, 150, 100]
     groups = length_groups(lengths, max_tokens=16384)
     assert sum(len(g) * max(lengths[i] for i in g) for g in groups) < 0.7 * len(lengths) * max(lengths)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packing (train.packing): one row, position_ids restarting per row, no padding
+
+
+def test_pack_builds_positions_boundaries_and_row_index():
+    packed = modeling.pack([[5, 6, 7], [8, 9], [1, 2, 3, 4]], [1, 1, 2], pad_id=0)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert packed.completion_mask.tolist() == [[False, True, True, False, True, False, False, True, True]]
+    assert packed.row_index.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert packed.cu_seqlens.tolist() == [0, 3, 5, 9] and packed.cu_seqlens.dtype == torch.int32
+    assert (packed.rows, packed.tokens) == (3, 9)
+    assert int(modeling.batch_tokens(packed)) == 9
+    # bucketed: a padding segment of its own (positions from 0, row index = rows, never a completion)
+    bucketed = modeling.pack([[5, 6, 7], [8, 9], [1, 2, 3, 4]], [1, 1, 2], pad_id=0, bucket=True)
+    assert bucketed.input_ids.shape == (1, 16) and bucketed.input_ids[0, 9:].tolist() == [0] * 7
+    assert bucketed.position_ids[0, 9:].tolist() == list(range(7))
+    assert bucketed.row_index[9:].tolist() == [3] * 7 and not bucketed.completion_mask[0, 9:].any()
+    assert bucketed.cu_seqlens.tolist() == [0, 3, 5, 9, 16] and bucketed.tokens == 9
+    with pytest.raises(ValueError, match="completion_start"):
+        modeling.pack([[1, 2]], [2], pad_id=0)
+
+
+def test_bucket_lengths():
+    assert [modeling.bucket_length(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 100, 1000, 1025)] == \
+        [16, 16, 24, 24, 32, 48, 48, 64, 128, 1024, 1536]
+    sizes = {modeling.bucket_length(n) for n in range(1, 8193)}
+    assert len(sizes) == 19 and all(modeling.bucket_length(n) < 1.5 * n + 16 for n in range(1, 8193))
+    ids, mask, completion = collate([[1, 2, 3], [4, 5]], [1, 1], pad_id=0, bucket=True)
+    assert ids.shape == (2, 16) and mask.sum() == 5 and completion.sum() == 3
+
+
+def _packed_rows(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths, starts = [9, 14, 6, 12, 11], [3, 1, 5, 7, 2]
+    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths], starts
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen2_tied", "gemma2", "granite"])
+@pytest.mark.parametrize("bucket", [False, True])
+def test_packed_logps_and_gradients_equal_the_padded_path(model_dirs, kind, bucket):
+    """sdpa (eager for gemma2) on CPU builds a block-diagonal causal mask from the restarting position_ids:
+    exact, in fp32, against the padded path, for the values and for every parameter's gradient."""
+    model = load_model(model_dirs[kind], dtype="float32")
+    rows, starts = _packed_rows(seed=3)
+    padded = collate(rows, starts, pad_id=0)
+    packed = modeling.pack(rows, starts, pad_id=0, bucket=bucket)
+    assert packed.input_ids.shape[1] == (64 if bucket else sum(len(r) for r in rows))
+    weights = torch.randn(5, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = completion_logps(model, *padded, chunk_size=3)
+        got = modeling.packed_completion_logps(model, packed, chunk_size=3)
+    assert expected.abs().min() > 1.0
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-6)
+    grads_padded = _grads(model, _chunked(3), padded, weights)
+    model.zero_grad(set_to_none=True)
+    (modeling.packed_completion_logps(model, packed, chunk_size=3) * weights).sum().backward()
+    grads_packed = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads_packed.keys() == grads_padded.keys()
+    for name in grads_padded:
+        torch.testing.assert_close(grads_packed[name], grads_padded[name], atol=1e-5, rtol=1e-4, msg=name)
+    # the wrapper takes a PackedBatch as its one argument (one forward call, as DDP/FSDP need)
+    with torch.no_grad():
+        torch.testing.assert_close(modeling.CompletionLogps(model, chunk_size=3)(packed), expected, atol=1e-5,
+                                   rtol=1e-6)
+
+
+def test_packing_selection(model_dirs, monkeypatch):
+    model = load_model(model_dirs["llama"], dtype="float32")
+    assert modeling.attention_implementation(model) == "sdpa"
+    assert modeling.use_packing("auto", model) is False  # sdpa's mask would be dense: keep length groups
+    assert modeling.use_packing("on", model) is True
+    assert modeling.use_packing("off", model) is False
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
+    assert modeling.use_packing("auto", model) is True  # varlen kernels: packing is free
+    monkeypatch.setattr(modeling, "packing_supported", lambda: False)  # an older transformers
+    assert modeling.use_packing("auto", model) is False
+    with pytest.raises(UserError, match="train.packing = on needs"):
+        modeling.use_packing("on", model)
+
+
+def test_packing_that_mixes_rows_is_refused(model_dirs, monkeypatch):
+    """An architecture whose attention ignores the restarting position_ids would let rows see each other."""
+    model = load_model(model_dirs["llama"], dtype="float32")
+    rows, starts = _packed_rows()
+    real = modeling._last_hidden_state
+
+    def ignores_positions(body, input_ids, attention_mask, position_ids=None):
+        return real(body, input_ids, attention_mask)  # one causal sequence over all rows
+
+    monkeypatch.setattr(modeling, "_last_hidden_state", ignores_positions)
+    with pytest.raises(UserError, match="set train.packing = off"):
+        modeling.packed_completion_logps(model, modeling.pack(rows, starts, pad_id=0))

@@ -144,7 +144,7 @@ def test_train_killed_at_several_points_resumes_to_the_same_weights_and_metrics(
         proc = _start(args)
         if at_step is not None:
             reached = _wait_for(proc, lambda o=out, k=at_step: any(
-                int(p.parent.name.split("-")[1]) >= k for p in (o / "checkpoints").glob("step-*[0-9]/state.json")))
+                int(p.parent.name.split("-")[1]) >= k for p in (o / "checkpoints").glob("step-???????/state.json")))
         else:
             time.sleep(delay)
             reached = proc.poll() is None
