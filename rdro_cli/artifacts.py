@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from rdro_cli import integrity
 from rdro_cli.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -181,7 +182,9 @@ def write_manifest(directory: Path, *, stage: str, fingerprint: str, inputs: dic
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         **extra,
     }
-    write_text_atomic(Path(directory) / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+    # last, so the digests cover everything the stage wrote (integrity.py)
+    manifest[integrity.FILES_KEY] = integrity.stage_files(directory, stage)
+    write_text_atomic(Path(directory) / MANIFEST, integrity.seal(manifest))
     return manifest
 
 
@@ -198,6 +201,12 @@ def read_manifest(directory: Path) -> dict | None:
 def require_input(directory: Path, stage: str, *, rerun: str | None = None) -> dict:
     """The manifest of a finished upstream stage, or a one-line error naming what to run."""
     directory = Path(directory)
+    if not directory.exists():  # a crash between the two renames of a replacement: the old one is the input
+        with contextlib.suppress(OSError):  # another reader may be restoring it right now
+            recover(directory)
+    damaged = integrity.manifest_problem(directory)
+    if damaged:
+        raise UserError(f"{damaged}; re-run `rdro {stage}` with --force")
     manifest = read_manifest(directory)
     rerun = rerun or f"rdro {stage}"
     if manifest is None:
@@ -207,6 +216,9 @@ def require_input(directory: Path, stage: str, *, rerun: str | None = None) -> d
         raise UserError(f"{directory}: expected a {stage} artifact, found {manifest.get('stage')!r}")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise UserError(f"{directory}: written by an incompatible rdro version; re-run `{rerun}` with --force")
+    damaged = integrity.files_problem(directory, manifest.get(integrity.FILES_KEY) or {})
+    if damaged:
+        raise UserError(f"{damaged}; re-run `rdro {stage}` with --force")
     return manifest
 
 
@@ -220,6 +232,8 @@ def require_finished_model(model_dir: Path) -> None:
     train_dir = model_dir.parent
     if model_dir.name == "final" and (train_dir / "metrics.jsonl").exists():
         require_input(train_dir, "train", rerun="rdro train --resume")
+    elif (read_manifest(model_dir) or {}).get("stage") == "merge":  # checked against its digests
+        require_input(model_dir, "merge")
 
 
 def check_inputs_match(directory: Path, manifest: dict, expected: dict[str, str], *, rerun: str) -> None:
@@ -234,7 +248,9 @@ def check_inputs_match(directory: Path, manifest: dict, expected: dict[str, str]
 def is_done(directory: Path, fingerprint: str) -> bool:
     """True when the stage output exists, is complete and was made from the same inputs and config."""
     manifest = read_manifest(directory)
-    return manifest is not None and manifest.get("fingerprint") == fingerprint
+    # a damaged output is not done: the stage rebuilds it
+    return manifest is not None and manifest.get("fingerprint") == fingerprint \
+        and integrity.artifact_problem(directory) is None
 
 
 @contextlib.contextmanager

@@ -130,6 +130,12 @@ def _invoke(stage: str, recipe: Path | None, sets: list[str] | None, flags: dict
 
         console.print(f"rdro {stage}: interrupted")
         raise typer.Exit(130) from None
+    except Exception as err:  # disk full anywhere a stage did not wrap: still one line, no traceback
+        from rdro_cli import diskspace
+
+        if not diskspace.is_disk_full(err):
+            raise
+        _fail(diskspace.message(diskspace.path_of(err) or Path.cwd(), err, None), 2)
     finally:
         from rdro_cli.artifacts import release_locks
 
@@ -284,6 +290,19 @@ def report(
     """
     _invoke("report", recipe, sets, {},
             lambda m, cfg: m.run(cfg, runs=run_dirs or None, out=out, baseline=baseline))
+
+
+@_command(examples=["rdro verify runs/tiny-cpu", "rdro verify --recipe recipes/tiny-cpu.toml"])
+def verify(
+    run_dir: Path = typer.Argument(None, help="A run directory, or one stage's directory (default: output.dir)."),
+    recipe: Path = RecipeOpt,
+    sets: list[str] = SetOpt,
+) -> None:
+    """Check every artifact of a run (and each training checkpoint) against its recorded digests.
+
+    Prints a table of stages and their status; exits 0 only if everything is intact, 1 if not.
+    """
+    _invoke("verify", recipe, sets, {}, lambda m, cfg: m.run(run_dir or cfg.run_dir))
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m rdro_cli`

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rdro_cli import artifacts, outputs
+from rdro_cli import artifacts, diskspace, outputs
 from rdro_cli.errors import UserError
 from rdro_cli.metrics import auc
 from rdro_cli.modeling import ADAPTER_CONFIG, TOKENIZER_FILES
@@ -568,7 +568,9 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     runners = {"preference": eval_preference, "generate": eval_generate, "exact_match": eval_exact_match,
                "bbh": eval_bbh}
     results = {}
-    with artifacts.atomic_dir(out) as tmp:
+    # eval writes per-example records: a few KiB per example is a generous estimate
+    need = 4096 * sum(_examples(task, payload) for task, payload in payloads.items()) + 16384  # + manifest
+    with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp:
         for task in tasks:
             extra = {"generator": generator_name(model_name)} if task == "generate" else {}
             results[task] = runners[task](model, tokenizer, payloads[task], cfg, tmp, **extra)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rdro_cli import artifacts, modeling, outputs
+from rdro_cli import artifacts, diskspace, integrity, modeling, outputs
 from rdro_cli.errors import UserError
 from rdro_cli.progress import console
 from rdro_cli.recipe import Recipe
@@ -95,14 +95,27 @@ def _create_partial(partial: Path, fingerprint: str) -> None:
     artifacts.write_text_atomic(partial / "plan.json", json.dumps({"fingerprint": fingerprint}))
 
 
+def _require_finite(name: str, tensors: dict, dtype: str) -> None:
+    """Refuses to publish NaN / inf log-probs: training on them would turn every loss into NaN."""
+    for key, values in tensors.items():
+        bad = integrity.nonfinite_rows(values)
+        if bad:
+            raise UserError(f"logprobs: the reference model gave NaN/inf {key} for {name} "
+                            f"{integrity.describe_rows(bad, len(values))}; nothing was published. With "
+                            f"model.dtype={dtype} this is most likely float16 overflow: re-run with --set "
+                            f"model.dtype=bfloat16 (or float32) --force; if it persists, check the model's weights")
+
+
 def _assemble(partial: Path, plan, splits: dict, with_kl: bool, out: Path, **manifest) -> None:
-    with artifacts.atomic_dir(out) as tmp:
+    need = sum(len(split) * 4 * (2 if with_kl else 1) + 1024 for split in splits.values())
+    with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp:
         for name, split in splits.items():
             parts = [load_file(partial / "shards" / f"{name}-{k:05d}.safetensors") for s, k, _ in plan if s == name]
             tensors = {"ref_logps": torch.cat([p["ref_logps"] for p in parts]).contiguous()}
             if with_kl:
                 tensors["ref_kl_logps"] = torch.cat([p["ref_kl_logps"] for p in parts]).contiguous()
             assert tensors["ref_logps"].shape[0] == len(split)
+            _require_finite(name, tensors, manifest["config"]["model"]["dtype"])
             save_file(tensors, str(tmp / f"{name}.safetensors"))
         artifacts.write_manifest(tmp, stage="logprobs", **manifest)
     shutil.rmtree(partial, ignore_errors=True)
@@ -180,7 +193,8 @@ def run(cfg: Recipe, *, data: Path | None = None, out: Path | None = None, force
                     tensors["ref_kl_logps"] = scores[len(rows):].contiguous()
                 shard = partial / "shards" / f"{name}-{k:05d}.safetensors"
                 tmp = shard.with_name(f".{shard.name}.tmp")
-                save_file(tensors, str(tmp))
+                with diskspace.writing(shard, sum(t.numel() * 4 for t in tensors.values()) + 1024):
+                    save_file(tensors, str(tmp))
                 artifacts.publish_file(tmp, shard)  # a shard exists only when complete, and durably
         del model
     state.wait_for_everyone()

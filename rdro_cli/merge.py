@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from rdro_cli import artifacts, model_card, outputs
+from rdro_cli import artifacts, diskspace, model_card, outputs
 from rdro_cli.errors import UserError
 from rdro_cli.modeling import ADAPTER_CONFIG, TOKENIZER_FILES
 from rdro_cli.peft_compat import building_peft_model
@@ -194,7 +194,10 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
         merged_modules = sum(1 for name, _ in peft_model.named_modules() if name.endswith(".lora_A"))
         merged = peft_model.merge_and_unload()
         n_params = sum(p.numel() for p in merged.parameters())
-        with artifacts.atomic_dir(out) as tmp:
+        # the merged weights, plus the tokenizer and provenance files copied next to them
+        need = sum(p.numel() * p.element_size() for p in merged.parameters()) + diskspace.tree_size(
+            adapter, skip_suffixes=(".safetensors", ".bin"))
+        with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp:
             merged.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
             if merged.generation_config is not None and not (tmp / "generation_config.json").is_file():
                 merged.generation_config.save_pretrained(tmp)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rdro_cli import artifacts, modeling, outputs, splitting, tokenising
+from rdro_cli import artifacts, diskspace, modeling, outputs, splitting, tokenising
 from rdro_cli.errors import UserError
 from rdro_cli.progress import console
 from rdro_cli.recipe import Recipe
@@ -279,7 +279,9 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
             dataset = datasets.DatasetDict({
                 name: _artifact_split(tokenised[picked[name][0]], *selected[name][:3], work, name, progress)
                 for name in picked})
-        with artifacts.atomic_dir(out) as tmp:
+        # int32 ids, and the texts beside them take about as much again
+        need = 8 * sum(c.get("tokens", 0) for c in counts.values()) + 65536
+        with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp:
             dataset.save_to_disk(str(tmp))
             preferred_fraction = counts["train"]["preferred"] / counts["train"]["rows"]
             artifacts.write_manifest(

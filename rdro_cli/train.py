@@ -39,7 +39,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rdro_cli import artifacts, losses, model_card, modeling, outputs, throughput, tracking
+from rdro_cli import (
+    artifacts,
+    diskspace,
+    integrity,
+    losses,
+    model_card,
+    modeling,
+    outputs,
+    throughput,
+    tracking,
+)
 from rdro_cli.errors import UserError
 from rdro_cli.peft_compat import building_peft_model
 from rdro_cli.recipe import Recipe
@@ -138,6 +148,12 @@ def _load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifes
     if spec.needs_kl and "ref_kl_logps" not in tensors:
         raise UserError(f"{logprobs_dir}: {cfg.loss.name} needs the mismatched-pair reference log-probs "
                         f"(ref_kl_logps), which this logprobs run did not compute; {rerun}")
+    for key in ("ref_logps", "ref_kl_logps"):
+        bad = integrity.nonfinite_rows(tensors[key]) if key in tensors else []
+        if bad:
+            raise UserError(f"{logprobs_dir}/train.safetensors: {key} is NaN/inf for "
+                            f"{integrity.describe_rows(bad, len(tensors[key]))}; {rerun} (fp16 overflows: "
+                            f"use --set model.dtype=bfloat16 or float32)")
     # straight from Arrow: datasets' numpy formatter took ~8 s for these four columns at 1M rows
     columns = {name: split.data.column(name).to_numpy() for name in ("completion_start", "label", "pair_id",
                                                                        "kl_partner")}
@@ -424,6 +440,10 @@ def _open_output(out: Path, identity: dict, total_steps: int, *, resume: bool, f
     if state["step"] > total_steps:
         raise UserError(f"{checkpoints[-1]}: the run has trained {state['step']} steps, more than the "
                         f"{total_steps} asked for; --resume can only train longer (raise train.max_steps)")
+    damaged = integrity.checkpoint_problem(checkpoints[-1], STATE_FILE)
+    if damaged:
+        raise UserError(f"{damaged}; delete {checkpoints[-1]} to resume from the checkpoint before it, or pass "
+                        f"--force to start over")
     return checkpoints[-1]
 
 
@@ -458,6 +478,20 @@ def _save_model(session: Session, directory: Path) -> None:
 
 
 def _save_checkpoint(session: Session) -> Path:
+    """Writes checkpoints/step-N; a full disk is one line, and the checkpoints before it stay intact."""
+    final = session.out / "checkpoints" / f"step-{session.state.step:07d}"
+    with diskspace.writing(final, partial(_checkpoint_size, session)):
+        return _write_checkpoint(session)
+
+
+def _checkpoint_size(session: Session) -> int:
+    """The room a checkpoint takes: the last one's size, or trainable weights and two Adam moments."""
+    if session.last_checkpoint is not None:
+        return diskspace.tree_size(session.last_checkpoint)
+    return 3 * sum(p.numel() * p.element_size() for p in session.policy.parameters() if p.requires_grad)
+
+
+def _write_checkpoint(session: Session) -> Path:
     from accelerate.utils import DistributedType, gather_object
 
     accelerator, state = session.accelerator, session.state
@@ -471,11 +505,12 @@ def _save_checkpoint(session: Session) -> Path:
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         accelerator.save_state(str(tmp / "accelerate"))  # sharded optimizer state: every process writes its part
     elif accelerator.is_main_process:
-        torch.save(session.optimizer.state_dict(), tmp / "optimizer.pt")
+        _torch_save(session.optimizer.state_dict(), tmp / "optimizer.pt")
     rng = gather_object([_rng_state()])
     if accelerator.is_main_process:
-        torch.save(session.scheduler.state_dict(), tmp / "scheduler.pt")
-        body = {"fingerprint": session.fingerprint, "identity": session.identity, **vars(state), "rng": rng}
+        _torch_save(session.scheduler.state_dict(), tmp / "scheduler.pt")
+        body = {"fingerprint": session.fingerprint, "identity": session.identity, **vars(state), "rng": rng,
+                integrity.FILES_KEY: integrity.tree_digests(tmp, exclude=(STATE_FILE,))}  # --resume checks them
         (tmp / STATE_FILE).write_text(json.dumps(body))  # last: its presence marks the checkpoint complete
         artifacts.fsync_tree(tmp)
         if (session.out / METRICS_FILE).is_file():  # the rows up to this step survive a crash with it
@@ -488,6 +523,11 @@ def _save_checkpoint(session: Session) -> Path:
     accelerator.wait_for_everyone()
     session.last_checkpoint = final
     return final
+
+
+def _torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as handle:  # through a file object, so a full disk surfaces as its OSError
+        torch.save(obj, handle)
 
 
 def _restore_checkpoint(session: Session, checkpoint: Path) -> None:
@@ -515,8 +555,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _append_metrics(path: Path, row: dict) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
+    line = (json.dumps(row) + "\n").encode()
+    with diskspace.writing(path, 4096), open(path, "ab", buffering=0) as handle:  # unbuffered: we see each write
+        size = handle.seek(0, os.SEEK_END)
+        try:
+            written = 0
+            while written < len(line):
+                written += handle.write(line[written:])
+        except OSError:  # never leave half a row (disk full): cut back to the last whole one
+            handle.truncate(size)
+            raise
 
 
 def _save_final(session: Session, tokenizer, dataset: str) -> Path:
@@ -524,7 +572,10 @@ def _save_final(session: Session, tokenizer, dataset: str) -> Path:
     if not session.accelerator.is_main_process:
         _save_model(session, final)  # only takes part in gathering the weights
     else:
-        with artifacts.atomic_dir(final) as tmp:
+        # the weights (as the last checkpoint holds them) and the tokenizer files the model came with
+        need = diskspace.tree_size(session.last_checkpoint / "model") + diskspace.tree_size(
+            session.cfg.model.name, skip_suffixes=(".safetensors", ".bin", ".pt")) if session.last_checkpoint else None
+        with diskspace.writing(final, need), artifacts.atomic_dir(final) as tmp:
             _save_model(session, tmp)
             tokenizer.save_pretrained(str(tmp))
             (tmp / "recipe.toml").write_text(session.cfg.to_toml(), encoding="utf-8")

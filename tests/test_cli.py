@@ -19,7 +19,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ["validate", "prepare", "logprobs", "train", "merge", "eval", "report"]
+COMMANDS = ["validate", "prepare", "logprobs", "train", "merge", "eval", "report", "verify"]
 BOX = "│╭╮╰╯─"
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import FIXTURES, systematic_rows, write_jsonl
 from safetensors.torch import load_file, save_file
 
-from rdro_cli import artifacts, modeling, prepare
+from rdro_cli import artifacts, integrity, modeling, prepare
 from rdro_cli import eval as eval_stage
 from rdro_cli.recipe import load_recipe
 
@@ -205,6 +205,7 @@ def test_refuses_logprobs_of_other_data(cli, tmp_path, run_dir, tiny_llama):
     manifest = json.loads((logprobs / "manifest.json").read_text())
     manifest["inputs"]["data"] = "0" * 64
     (logprobs / "manifest.json").write_text(json.dumps(manifest))
+    integrity.reseal(logprobs)  # a valid manifest for other data, not a damaged one
     code, _, stderr = cli("eval", "--model", tiny_llama, "--tasks", "preference", "--data", run_dir / "data",
                           "--logprobs", logprobs, "--out", tmp_path / "eval")
     assert one_line_error(code, stderr) and "rdro logprobs" in stderr

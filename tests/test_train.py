@@ -19,7 +19,7 @@ from conftest import systematic_rows, write_jsonl
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from rdro_cli import losses, modeling, train
+from rdro_cli import integrity, losses, modeling, train
 from rdro_cli.cli import app
 from rdro_cli.recipe import load_recipe
 
@@ -297,6 +297,7 @@ def test_refuses_missing_or_mismatched_inputs(systematic_run, tiny_llama, tmp_pa
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["inputs"]["data"] = "0" * 64
     (other / "manifest.json").write_text(json.dumps(manifest))
+    integrity.reseal(other)  # a valid manifest for other data, not a damaged one
     code, _, err = _train(systematic_run, tmp_path / "b", tiny_llama, logprobs=other)
     assert code == 2 and "re-run `rdro logprobs" in err and len(err.strip().splitlines()) == 1
 
@@ -304,6 +305,7 @@ def test_refuses_missing_or_mismatched_inputs(systematic_run, tiny_llama, tmp_pa
     (other / "manifest.json").write_text(json.dumps(manifest))
     tensors = load_file(str(other / "train.safetensors"))
     save_file({"ref_logps": tensors["ref_logps"]}, str(other / "train.safetensors"))
+    integrity.reseal(other)
     code, _, err = _train(systematic_run, tmp_path / "c", tiny_llama, loss="kto", logprobs=other)
     assert code == 2 and "ref_kl_logps" in err
 
