@@ -7,7 +7,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # torch is pinned in the same pip command as everything else so no CUDA wheels are pulled.
 TORCH := torch==2.13.0
 
-.PHONY: setup test test-fast lint demo bench clean
+.PHONY: setup test test-fast test-bench lint demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) lint
-	$(OFFLINE) $(BIN)/python -m pytest -q -ra
+	$(OFFLINE) $(BIN)/python -m pytest -q -ra -m "not bench"
+
+test-bench: $(STAMP)
+	$(OFFLINE) $(BIN)/python -m pytest -q -ra -m bench
 
 test-fast: $(STAMP)
-	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow"
+	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow and not bench"
 
 demo: $(STAMP)
 	$(OFFLINE) PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh

@@ -28,7 +28,7 @@ def test_packing_check_quick_is_exact():
     assert result["exact_within_tolerance"] is True
 
 
-@pytest.mark.slow
+@pytest.mark.bench  # every part of the device script on CPU: ~5-10 minutes here, so not in CI
 def test_gpu_check_quick_writes_one_json_line_per_part(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--quick"], cwd=ROOT, env=env,

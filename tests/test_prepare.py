@@ -397,7 +397,7 @@ def golden_digest(out: Path) -> tuple[str, dict]:
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16], totals
 
 
-@pytest.mark.slow
+@pytest.mark.bench  # 2 x 20k rows: minutes on 2 cores; the per-fixture exactness tests run in CI
 def test_20k_rows_equal_the_previous_implementation(tmp_path):
     import hashlib
 
