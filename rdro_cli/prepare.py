@@ -222,7 +222,11 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
     from rdro_cli.progress import task_progress
 
     datasets.disable_progress_bars()
-    with tempfile.TemporaryDirectory(prefix="rdro-prepare-") as work_dir:
+    # The work files (Arrow, about the artifact's size) sit beside the output, on the disk that has to hold
+    # it anyway (not in a small /tmp); named like atomic_dir's temporaries, so a killed run's are cleaned up.
+    # A full disk anywhere in here is one line about the output.
+    with diskspace.writing(out), tempfile.TemporaryDirectory(prefix=f"{out.name}.tmp-work", suffix=f"-{os.getpid()}",
+                                                             dir=out.parent) as work_dir:
         work = Path(work_dir)
         sources, source_fp = read_source(cfg.data.dataset, work)
         if cfg.data.train_split not in sources:
