@@ -42,7 +42,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -103,8 +102,7 @@ def cli(*args) -> tuple[int, str]:
     from rdro_cli.cli import app
 
     result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    output = result.stdout + (result.stderr if result.stderr_bytes is not None else "")
-    return result.exit_code, output
+    return result.exit_code, result.output  # stdout and stderr interleaved (click >= 8.2)
 
 
 def cli_ok(*args) -> str:
@@ -619,7 +617,6 @@ def main(argv: list[str] | None = None) -> None:
         write_readme(readme, f"{header}\n\n{table}\n\n![compare_methods]({PNG_NAME})")
         log(f"written: {readme}, {png}")
     else:
-        shutil.copy(png, workdir / PNG_NAME) if png.parent != workdir else None
         log(f"figure: {png}")
     print(json.dumps({"label": label, "complete": complete, "methods": methods, "seeds": seeds, "steps": steps,
                       "eval_limit": eval_limit, "base_lr": base_lr, "high_lr": high_lr, "base_eval": base,
