@@ -89,7 +89,8 @@ QUICK_METHODS = ("rdro", "dpo", "pmle")  # one unpaired, one pair method with an
 # Chosen from the pilot (benchmarks/README.md): demo lr and batch, 25 steps instead of 150, 100 of 400
 # held-out prompts. See the budget arithmetic there.
 DEFAULTS = dict(steps=25, eval_limit=100, seeds=3, high_lr_factor=5.0)
-QUICK = dict(steps=2, eval_limit=8, seeds=1, high_lr_factor=5.0, data_limit=40)
+# --quick leaves the high-lr runs out (CI time) unless --high-lr-factor is given
+QUICK = dict(steps=2, eval_limit=8, seeds=1, high_lr_factor=None, data_limit=40)
 
 
 # ------------------------------------------------------------------------------------ the CLI
@@ -534,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="aggregate finished runs; train nothing")
     parser.add_argument("--label", default="", help="a word for the README heading, e.g. 'partial'")
     parser.add_argument("--quick", action="store_true",
-                        help="rdro, dpo, pmle, 1 seed (+ 5x lr), 2 steps on 40 rows, 8 held-out prompts: a smoke run")
+                        help="rdro, dpo, pmle, 1 seed, no high-lr run, 2 steps on 40 rows, 8 held-out prompts: a smoke run")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else DEFAULTS
     methods = args.methods or list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
@@ -545,6 +546,8 @@ def main(argv: list[str] | None = None) -> None:
     eval_limit = args.eval_limit or preset["eval_limit"]
     data_limit = preset.get("data_limit", 0)
     factor = args.high_lr_factor or preset["high_lr_factor"]
+    if not factor:
+        args.no_high_lr = True
     readme = None if args.no_readme else (args.readme or (None if args.quick else README))
     wall_start = time.perf_counter()
 

