@@ -7,7 +7,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # torch is pinned in the same pip command as everything else so no CUDA wheels are pulled.
 TORCH := torch==2.13.0
 
-.PHONY: setup test test-fast test-bench lint demo bench clean
+.PHONY: setup test test-fast test-bench lint demo bench compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(OFFLINE) PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+# every method on the demo model, side by side (benchmarks/README.md, compare_methods.py); resumes
+compare: $(STAMP)
+	$(OFFLINE) $(BIN)/python benchmarks/compare_methods.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
