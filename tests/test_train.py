@@ -310,13 +310,6 @@ def test_refuses_missing_or_mismatched_inputs(systematic_run, tiny_llama, tmp_pa
     assert code == 2 and "ref_kl_logps" in err
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorboard") is not None,
-                    reason="tensorboard is installed")
-def test_tensorboard_without_the_package_is_a_clear_error(systematic_run, tiny_llama, tmp_path):
-    code, _, err = _train(systematic_run, tmp_path / "tb", tiny_llama, "train.tensorboard=true")
-    assert code == 2 and "pip install tensorboard" in err
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
