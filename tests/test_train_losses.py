@@ -9,32 +9,11 @@ from pathlib import Path
 
 import pytest
 from conftest import systematic_rows, write_jsonl
-from typer.testing import CliRunner
+from test_train import COMMON, _cli, _metrics, _train  # one CLI-driving helper set for train tests
 
 from rdro_cli import train
-from rdro_cli.cli import app
-
-COMMON = ["model.dtype=float32", "train.learning_rate=1e-3", "train.batch_size=8", "train.warmup_ratio=0.1"]
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
-def _train(run: Path, out: Path, model: Path, *sets: str, loss: str, flags=(), logprobs=None):
-    args = ["train", "--model", model, "--data", run / "data", "--logprobs", logprobs or run / "logprobs",
-            "--out", out, "--loss", loss, *flags]
-    for item in [*COMMON, *sets]:
-        args += ["--set", item]
-    return _cli(*args)
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _prepare(root: Path, rows: list[dict], model: Path, test_fraction: str) -> Path:
