@@ -415,18 +415,3 @@ def release_locks() -> None:
     """Releases every output lock this process holds (the CLI calls it when a command ends)."""
     for key in list(_HELD_LOCKS):
         _release(key)
-
-
-@contextlib.contextmanager
-def output_lock(out: Path, stage: str) -> Iterator[None]:
-    """`acquire_lock` for the duration of a block (released after it, unless it was held already)."""
-    path = lock_path(out)
-    key = str(path.parent.resolve() / path.name) if path.parent.exists() else None
-    held = key in _HELD_LOCKS
-    acquire_lock(out, stage)
-    key = str(path.parent.resolve() / path.name)
-    try:
-        yield
-    finally:
-        if not held and key in _HELD_LOCKS:
-            _release(key)
