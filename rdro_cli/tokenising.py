@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from rdro_cli import piece_encoding
 from rdro_cli import rows as _rows
 from rdro_cli.errors import UserError
 from rdro_cli.sources import source_rows
@@ -142,16 +143,6 @@ def _protect(example, texts, tokenizer, settings) -> tuple[list[int], list[int],
     return prompt_ids, full_ids, mismatch
 
 
-def _decode_batch(tokenizer, ids: list[list[int]]) -> list[str]:
-    """`[tokenizer.decode(x) for x in ids]`, straight through the Rust backend when that is the same thing
-    (no clean-up of tokenization spaces): transformers' per-token Python conversion costs more than the
-    decoding itself."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return backend.decode_batch(ids, skip_special_tokens=False)
-    return tokenizer.batch_decode(ids)
-
-
 def parse_batch(batch: dict, indices: list[int], settings: Settings) -> tuple[list[_rows.Example], list[int]]:
     """The batch's examples and, for each, the index of its source row in the split."""
     examples, sources = [], []
@@ -169,8 +160,8 @@ def tokenise_batch(batch: dict, indices: list[int], *, tokenizer, settings: Sett
     """A `Dataset.map(batched=True, with_indices=True)` function: source rows -> tokenised rows + flags."""
     examples, sources = parse_batch(batch, indices, settings)
     texts = [render(example, tokenizer, settings.use_template) for example in examples]
-    prompt_ids = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer([f for _, f in texts], add_special_tokens=False)["input_ids"]
+    encoded = piece_encoding.encoder(tokenizer)([text for pair in texts for text in pair])
+    prompt_ids, full_ids = encoded[0::2], encoded[1::2]
     mismatch = [i for i, ((p_text, f_text), p, f) in enumerate(zip(texts, prompt_ids, full_ids, strict=True))
                 if f[: len(p)] != p or not f_text.startswith(p_text)]
     if mismatch:
@@ -191,7 +182,8 @@ def tokenise_batch(batch: dict, indices: list[int], *, tokenizer, settings: Sett
         prompt_ids[i], full_ids[i], boundary = protected
         mismatched.add(i) if boundary else mismatched.discard(i)
     completion_ids = [f[len(p):] for p, f in zip(prompt_ids, full_ids, strict=True)]
-    completion_texts = _decode_batch(tokenizer, completion_ids)
+    exact = [i not in mismatched and not control[i] for i in range(len(examples))]
+    completion_texts = piece_encoding.encoder(tokenizer).completion_texts(texts, completion_ids, exact)
     out = {name: [] for name in FEATURES}
     for i, example in enumerate(examples):
         prompt, completion = prompt_ids[i], completion_ids[i]
