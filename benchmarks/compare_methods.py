@@ -296,6 +296,11 @@ def run_one(workdir: Path, shared: dict, method: str, *, lr: float, seed: int, s
         train_args += ["--logprobs", data["logprobs"]]
     started = time.perf_counter()
     code, output = cli(*with_sets(train_args, sets))
+    if code == 2 and "was written by a run with other settings" in output:
+        # a run interrupted before the shared artifacts were remade: its checkpoints are of no use now
+        log(f"  {method:<14} lr {lr:g} seed {seed}: its checkpoints predate the shared artifacts; starting over")
+        started = time.perf_counter()
+        code, output = cli(*with_sets([a if a != "--resume" else "--force" for a in train_args], sets))
     train_seconds = time.perf_counter() - started
     rows = read_metrics(out / "train" / "metrics.jsonl")
     result = {"method": method, "loss": loss, "kind": kind, "seed": seed, "lr": lr, "settings_key": key,

@@ -76,6 +76,19 @@ def render(example: _rows.Example, tokenizer, use_template: bool) -> tuple[str, 
     return example.prompt, example.prompt + example.completion + (tokenizer.eos_token or "")
 
 
+def render_batch(examples: list[_rows.Example], tokenizer, use_template: bool) -> list[tuple[str, str]]:
+    """`render` of every example, the template applied to the whole batch in two calls (the same texts; less
+    per-call overhead in transformers)."""
+    if not use_template or not examples:
+        return [render(example, tokenizer, use_template) for example in examples]
+    prompts = [_messages(example.prompt, "user") for example in examples]
+    prompt_texts = tokenizer.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
+    full_texts = tokenizer.apply_chat_template(
+        [p + _messages(example.completion, "assistant") for p, example in zip(prompts, examples, strict=True)],
+        tokenize=False)
+    return list(zip(prompt_texts, full_texts, strict=True))
+
+
 def _with_contents(example: _rows.Example, contents: list[str]) -> _rows.Example:
     prompt = _messages(example.prompt, "user")
     n = len(prompt)
@@ -159,7 +172,7 @@ def parse_batch(batch: dict, indices: list[int], settings: Settings) -> tuple[li
 def tokenise_batch(batch: dict, indices: list[int], *, tokenizer, settings: Settings) -> dict[str, list]:
     """A `Dataset.map(batched=True, with_indices=True)` function: source rows -> tokenised rows + flags."""
     examples, sources = parse_batch(batch, indices, settings)
-    texts = [render(example, tokenizer, settings.use_template) for example in examples]
+    texts = render_batch(examples, tokenizer, settings.use_template)
     encoded = piece_encoding.encoder(tokenizer)([text for pair in texts for text in pair])
     prompt_ids, full_ids = encoded[0::2], encoded[1::2]
     mismatch = [i for i, ((p_text, f_text), p, f) in enumerate(zip(texts, prompt_ids, full_ids, strict=True))
