@@ -225,16 +225,21 @@ def prepare_shared(workdir: Path, model: str, methods: list[str], data_limit: in
     return info
 
 
-def eval_base(workdir: Path, model: str, eval_limit: int, data_limit: int) -> dict:
-    """The reference model itself on the same evals: the "before" accuracy."""
+def eval_base(workdir: Path, model: str, eval_limit: int, data_limit: int, before: dict | None = None) -> dict:
+    """The reference model itself on the same evals: the "before" accuracy. `before`: what an earlier run of
+    the benchmark recorded, whose time is kept when the eval is up to date (not run again)."""
     out = workdir / "shared" / "eval-base"
     unpaired = workdir / "shared" / "unpaired"
     started = time.perf_counter()
-    cli_ok(*with_sets(["eval", "--recipe", RECIPE, "--model", model, "--data", unpaired / "data", "--logprobs",
-                       unpaired / "logprobs", "--out", out], base_sets(model, data_limit) + [f"eval.limit={eval_limit}"]))
+    output = cli_ok(*with_sets(["eval", "--recipe", RECIPE, "--model", model, "--data", unpaired / "data",
+                                "--logprobs", unpaired / "logprobs", "--out", out],
+                               base_sets(model, data_limit) + [f"eval.limit={eval_limit}"]))
+    seconds = round(time.perf_counter() - started, 1)
+    if "is up to date" in output and before and before.get("seconds"):
+        seconds = before["seconds"]
     tasks = json.loads((out / "eval.json").read_text())["tasks"]
     return {"accuracy": tasks["exact_match"]["accuracy"], "examples": tasks["exact_match"]["examples"],
-            "auc": tasks["preference"]["auc"], "seconds": round(time.perf_counter() - started, 1)}
+            "auc": tasks["preference"]["auc"], "seconds": seconds}
 
 
 # ------------------------------------------------------------------------------------ one run
@@ -582,8 +587,10 @@ def main(argv: list[str] | None = None) -> None:
         if info_path.is_file():
             shared = json.loads(info_path.read_text())
     else:
+        info_path = workdir / "shared" / "info.json"
+        before = json.loads(info_path.read_text()).get("base_eval") if info_path.is_file() else None
         shared = prepare_shared(workdir, model, methods, data_limit, log)
-        shared["base_eval"] = eval_base(workdir, model, eval_limit, data_limit)
+        shared["base_eval"] = eval_base(workdir, model, eval_limit, data_limit, before)
         (workdir / "shared" / "info.json").write_text(json.dumps(shared, indent=2) + "\n")
         log(f"base model: exact match {shared['base_eval']['accuracy']:.3f} on {shared['base_eval']['examples']} "
             f"prompts, eval {shared['base_eval']['seconds']:.0f} s")

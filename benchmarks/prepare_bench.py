@@ -26,20 +26,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "benchmarks")]
+# the last commit before prepare ran through datasets workers (one process, two tokenizer calls per row)
+PREVIOUS = "35a221b"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 # ---------------------------------------------------------------- measuring a subprocess
 
 
-def measured(argv: list[str], log: Path) -> dict:
-    """Run `argv`; wall time and the peak RSS (and PSS) of its whole process tree (MB)."""
+def measured(argv: list[str], log: Path, package_root: Path = ROOT) -> dict:
+    """Run `argv` with `rdro_cli` imported from `package_root`; wall time and the peak RSS (and PSS) of its
+    whole process tree (MB)."""
     import psutil
 
-    env = {**os.environ, **OFFLINE, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, **OFFLINE,
+           "PYTHONPATH": os.pathsep.join([str(package_root), os.environ.get("PYTHONPATH", "")])}
     started = time.perf_counter()
     with log.open("w") as handle:
-        proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=package_root)
         root, peak, peak_pss = psutil.Process(proc.pid), 0, 0
         while proc.poll() is None:
             try:
@@ -88,6 +92,22 @@ def data_file(work: Path, rows: int) -> Path:
         tmp = path.with_suffix(".partial")
         synthetic_feedback.write_jsonl(tmp, rows, seed=0)
         tmp.replace(path)
+    return path
+
+
+def previous_package(work: Path, ref: str) -> Path | None:
+    """`rdro_cli` as it was at commit `ref` (git archive of this checkout), or None without git history."""
+    path = work / f"previous-{ref}"
+    if (path / "rdro_cli" / "__init__.py").is_file():
+        return path
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "rdro_cli"], check=True,
+                                 capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        print(f"previous implementation ({ref}) not run: {err}", file=sys.stderr)
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(path)], input=archive, check=True)
     return path
 
 
@@ -208,6 +228,8 @@ def main() -> None:
     parser.add_argument("--trl-rows", type=int, default=100_000, help="rows for (b), TRL's KTO preparation")
     parser.add_argument("--startup-rows", type=int, default=0,
                         help="rows of the artifact for (c) (default: the largest (a); larger = tiled from it)")
+    parser.add_argument("--previous", default=PREVIOUS, help="commit of the previous prepare, run on the --trl-rows "
+                        f"file as the same-run baseline (default {PREVIOUS}; 'none' skips it)")
     parser.add_argument("--vocab", type=int, default=49_152)
     parser.add_argument("--num-proc", type=int, default=0, help="workers for both (0 = one per core)")
     parser.add_argument("--work", type=Path, default=None, help="keep inputs and outputs here (default: a temp dir)")
@@ -233,7 +255,7 @@ def main() -> None:
         args.rows, args.trl_rows, args.vocab = "500", 500, 2000
     sizes = sorted(int(r) for r in args.rows.split(","))
     with tempfile.TemporaryDirectory(prefix="rdro-prepare-bench-") as tmp:
-        work = args.work or Path(tmp)
+        work = (args.work or Path(tmp)).resolve()  # the previous implementation runs in another cwd
         work.mkdir(parents=True, exist_ok=True)
         tok, tokenizer_note = tokenizer_dir(work, args.vocab)
         print(f"tokenizer: {tokenizer_note}", file=sys.stderr)
@@ -252,6 +274,17 @@ def main() -> None:
             artifacts_by_size[n] = out
             print(f"rdro prepare {n}: {run['wall_s']:.1f} s, {run['peak_rss_mb']:.0f} MB", file=sys.stderr)
         trl_source = data_file(work, args.trl_rows)
+        previous = None if args.previous == "none" else previous_package(work, args.previous)
+        if previous is not None:  # one process, one row at a time; its recipe has no data.num_proc
+            out = work / "prepared-previous"
+            run = measured([sys.executable, "-m", "rdro_cli", "prepare", "--dataset", str(trl_source), "--model",
+                            str(tok), "--out", str(out), "--force"], work / "prepare-previous.log", previous)
+            counts = json.loads((out / "manifest.json").read_text())["counts"]
+            tokens = sum(c["tokens"] for c in counts.values())
+            results["previous"] = {**run, "rows": args.trl_rows, "tokens": tokens, "commit": args.previous,
+                                   "rows_per_s": args.trl_rows / run["wall_s"], "tokens_per_s": tokens / run["wall_s"]}
+            print(f"previous prepare ({args.previous}) {args.trl_rows}: {run['wall_s']:.1f} s, "
+                  f"{run['peak_rss_mb']:.0f} MB", file=sys.stderr)
         run = measured([*me, "--contender", "trl", "--data", str(trl_source), "--tokenizer", str(tok),
                         "--out", str(work / "trl"), "--num-proc", str(num_proc)], work / "trl.log")
         trl_out = json.loads(Path(run["log"]).read_text().strip().splitlines()[-1])
@@ -285,7 +318,7 @@ def main() -> None:
     trl_match = f"rdro_{args.trl_rows}" if f"rdro_{args.trl_rows}" in results else small
     print(f"\n{'contender':<22}{'rows':>10}{'wall s':>10}{'rows/s':>10}{'tokens/s':>12}{'peak RSS MB':>13}"
           f"{'peak PSS MB':>13}")
-    for name in [*(f"rdro_{n}" for n in sizes), "trl"]:
+    for name in [*(f"rdro_{n}" for n in sizes), *(["previous"] if "previous" in results else []), "trl"]:
         r = results[name]
         print(f"{name:<22}{r['rows']:>10}{r['wall_s']:>10.1f}{r['rows_per_s']:>10.0f}{r['tokens_per_s']:>12.0f}"
               f"{r['peak_rss_mb']:>13.0f}{r['peak_pss_mb']:>13.0f}")
@@ -297,9 +330,14 @@ def main() -> None:
     ratios = {"rdro_over_trl_rows_per_s": results[trl_match]["rows_per_s"] / results["trl"]["rows_per_s"],
               "rss_largest_over_smallest": results[big]["peak_rss_mb"] / results[small]["peak_rss_mb"],
               "rdro_rows_per_s_over_600": results[small]["rows_per_s"] / 600}
+    if "previous" in results:
+        ratios["rdro_over_previous_rows_per_s"] = results[trl_match]["rows_per_s"] / results["previous"]["rows_per_s"]
+        ratios["rdro_over_previous_peak_rss"] = results[trl_match]["peak_rss_mb"] / results["previous"]["peak_rss_mb"]
     print(f"\nratios: rdro/trl rows/s {ratios['rdro_over_trl_rows_per_s']:.2f}x, peak RSS {sizes[-1]}/{sizes[0]} "
           f"{ratios['rss_largest_over_smallest']:.2f}x, rdro rows/s / 600 (issue's baseline) "
-          f"{ratios['rdro_rows_per_s_over_600']:.2f}x")
+          f"{ratios['rdro_rows_per_s_over_600']:.2f}x"
+          + (f", rdro/previous rows/s {ratios['rdro_over_previous_rows_per_s']:.2f}x (same run)"
+             if "previous" in results else ""))
     from bench_env import cpu_name
 
     summary = {**{k: {kk: vv for kk, vv in v.items() if kk != "log"} for k, v in results.items()}, **ratios,

@@ -25,6 +25,15 @@ def test_prepare_bench_quick_prints_a_json_summary_last(tmp_path):
         r = summary[stage]
         assert r["rows"] == 500 and 0 < r["first_step_s"] < r["wall_s"] and r["peak_rss_mb"] > r["model_rss_mb"] > 0
     assert summary["rdro_over_trl_rows_per_s"] > 0 and "tokenizer" in summary and "machine" in summary
+    # the same-run baseline: the previous implementation, from this checkout's git history when it has it
+    if "previous" in summary:
+        r = summary["previous"]
+        assert r["rows"] == 500 and r["rows_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert summary["rdro_over_previous_rows_per_s"] > 0 and "rdro/previous rows/s" in done.stdout
+        previous = json.loads((tmp_path / "prepared-previous" / "manifest.json").read_text())
+        assert sum(c["source_rows"] for c in previous["counts"].values()) == 500
+    else:
+        assert "previous implementation" in done.stderr and "not run" in done.stderr
     assert "rdro/trl rows/s" in done.stdout
     manifest = json.loads((tmp_path / "prepared-500" / "manifest.json").read_text())
     assert sum(c["source_rows"] for c in manifest["counts"].values()) == 500
