@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rdro_cli import artifacts, diskspace, modeling, outputs, splitting, tokenising
+from rdro_cli import artifacts, dataset_files, diskspace, modeling, outputs, splitting, tokenising
 from rdro_cli.errors import UserError
 from rdro_cli.progress import console
 from rdro_cli.recipe import Recipe
@@ -27,6 +27,7 @@ from rdro_cli.sources import read_source
 
 COUNTED = ("boundary_mismatch", "truncated_prompt", "truncated_completion")
 BATCH_ROWS = 1000  # source rows per map batch (and per worker progress update)
+CHUNK_ROWS = 100_000  # source rows per round of map workers (their memory ends with the chunk)
 PROGRESS_DELAY_S = 1.0  # a progress bar appears once its work has taken this long
 ARTIFACT_COLUMNS = ("input_ids", "completion_start", "label", "pair_id", "kl_partner", "prompt_text",
                     "completion_text", "prompt")
@@ -95,19 +96,31 @@ def _map_progress(progress, description: str, total: int):
 
 
 def _tokenise(split, name: str, tokenizer, settings, work: Path, cfg: Recipe, progress):
-    """Every row of one source split through `tokenising.tokenise_batch`, written under `work`."""
+    """Every row of one source split through `tokenising.tokenise_batch`, written under `work`; the split's
+    tokenised rows and the Arrow files that hold them, in order.
+
+    A split is mapped CHUNK_ROWS source rows at a time, each chunk by a fresh set of workers: a worker's
+    memory (the source pages it has read, memory-mapped) then ends with its chunk, not with the split."""
+    import datasets
+
     dataset = split.dataset
-    num_proc = _num_proc(cfg, len(dataset))
-    if num_proc > 1:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
+    parts = []
     with _map_progress(progress, f"tokenising {name}", len(dataset)):
-        return dataset.map(
-            tokenising.tokenise_batch, batched=True, batch_size=BATCH_ROWS, with_indices=True,
-            fn_kwargs={"tokenizer": tokenizer, "settings": settings}, remove_columns=dataset.column_names,
-            features=tokenising.features(), num_proc=num_proc if num_proc > 1 else None,
-            cache_file_name=str(work / f"tokenised-{name}.arrow"), new_fingerprint=f"rdro-tokenised-{name}",
-            load_from_cache_file=False, desc=f"tokenising {name}",
-        )
+        for k, start in enumerate(range(0, max(len(dataset), 1), CHUNK_ROWS)):
+            stop = min(len(dataset), start + CHUNK_ROWS)
+            part = dataset.select(range(start, stop)) if (start, stop) != (0, len(dataset)) else dataset
+            num_proc = _num_proc(cfg, len(part))
+            if num_proc > 1:
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
+            parts.append(part.map(
+                tokenising.tokenise_batch, batched=True, batch_size=BATCH_ROWS, with_indices=True,
+                fn_kwargs={"tokenizer": tokenizer, "settings": settings, "offset": start},
+                remove_columns=part.column_names, features=tokenising.features(),
+                num_proc=num_proc if num_proc > 1 else None, cache_file_name=str(work / f"tokenised-{name}-{k}.arrow"),
+                new_fingerprint=f"rdro-tokenised-{name}-{k}", load_from_cache_file=False, desc=f"tokenising {name}",
+            ))
+    files = [f["filename"] for part in parts for f in part.cache_files]
+    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), files
 
 
 def _column(dataset, name: str) -> np.ndarray:
@@ -183,31 +196,44 @@ def _select(tokenised, source_rows: np.ndarray, first_pair_id: int, cfg: Recipe,
     return rows, pair_id, kl_partner, counts
 
 
-def _finish_batch(batch: dict, indices: list[int], *, pair_id: np.ndarray, kl_partner: np.ndarray) -> dict:
-    batch["pair_id"] = pair_id[indices]
-    batch["kl_partner"] = kl_partner[indices]
-    return batch
+def _artifact_batches(files: list[str], src: np.ndarray, rows: np.ndarray, pair_id: np.ndarray,
+                      kl_partner: np.ndarray, progress, name: str):
+    """The artifact's record batches of one split: the kept `rows` (ascending positions in the tokenised
+    split) of the tokenised files, read a batch at a time, with their pair ids and KL partners."""
+    import pyarrow as pa
+
+    schema = _artifact_features().arrow_schema
+    if len(rows) > 1 and not (np.diff(rows) > 0).all():
+        raise RuntimeError("artifact rows must be ascending")
+    task = progress.add_task(f"writing {name}", total=len(rows))
+    start = 0
+    for batch in dataset_files.read_batches(files):
+        stop = start + batch.num_rows
+        # the files are the tokenised split itself, in its order: checked row by row on the source index
+        if not np.array_equal(batch.column("_src").to_numpy(), src[start:stop]):
+            raise RuntimeError(f"tokenised files out of order at row {start}")
+        lo, hi = np.searchsorted(rows, [start, stop])
+        if hi > lo:
+            taken = batch.take(pa.array(rows[lo:hi] - start))
+            extra = {"pair_id": pa.array(pair_id[lo:hi], pa.int64()), "kl_partner": pa.array(kl_partner[lo:hi], pa.int64())}
+            yield pa.RecordBatch.from_arrays([extra[c] if c in extra else taken.column(c) for c in ARTIFACT_COLUMNS],
+                                             schema=schema)
+            progress.advance(task, hi - lo)
+        start = stop
+    if start != len(src):
+        raise RuntimeError(f"tokenised files hold {start} rows, expected {len(src)}")
 
 
-def _artifact_split(tokenised, rows, pair_id, kl_partner, work: Path, name: str, progress):
+def _artifact_features():
     import datasets
 
-    features = datasets.Features({
+    return datasets.Features({
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "completion_start": datasets.Value("int32"), "label": datasets.Value("bool"),
         "pair_id": datasets.Value("int64"), "kl_partner": datasets.Value("int64"),
         "prompt_text": datasets.Value("string"), "completion_text": datasets.Value("string"),
         "prompt": datasets.Value("string"),
     })
-    selected = tokenised.select(rows)
-    with _map_progress(progress, f"writing {name}", len(rows)):
-        return selected.map(
-            _finish_batch, batched=True, batch_size=BATCH_ROWS, with_indices=True,
-            fn_kwargs={"pair_id": pair_id, "kl_partner": kl_partner}, features=features,
-            remove_columns=[c for c in selected.column_names if c not in ARTIFACT_COLUMNS],
-            cache_file_name=str(work / f"artifact-{name}.arrow"), new_fingerprint=f"rdro-artifact-{name}",
-            load_from_cache_file=False,
-        ).select_columns(list(ARTIFACT_COLUMNS))
 
 
 # ---------------------------------------------------------------- the stage
@@ -255,14 +281,14 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
             return out
 
         needed = {cfg.data.train_split, cfg.data.test_split} & set(sources)
-        tokenised = {}
+        tokenised, files = {}, {}
         with task_progress() as progress:
             for name in sorted(needed, key=lambda s: s != cfg.data.train_split):
                 split = sources[name]
                 settings = tokenising.Settings(split.where, split.raw, cfg.data.max_length,
                                                cfg.data.max_prompt_length, use_template,
                                                tokenising.control_texts(tokenizer))
-                tokenised[name] = _tokenise(split, name, tokenizer, settings, work, cfg, progress)
+                tokenised[name], files[name] = _tokenise(split, name, tokenizer, settings, work, cfg, progress)
             # checked inside the progress context: a one-line error then leaves no bar behind in a log
             train_labels = _column(tokenised[cfg.data.train_split], "label")
             if len(np.unique(train_labels)) < 2:
@@ -279,14 +305,15 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
                 counts[name] = selected[name][3]
             if counts["train"]["preferred"] in (0, counts["train"]["rows"]):
                 raise UserError(f"{cfg.data.dataset}: after truncation the training split has only one label")
-        with task_progress() as progress:
-            dataset = datasets.DatasetDict({
-                name: _artifact_split(tokenised[picked[name][0]], *selected[name][:3], work, name, progress)
-                for name in picked})
         # int32 ids, and the texts beside them take about as much again
         need = 8 * sum(c.get("tokens", 0) for c in counts.values()) + 65536
-        with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp:
-            dataset.save_to_disk(str(tmp))
+        with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp, task_progress() as progress:
+            for name in picked:
+                source = picked[name][0]
+                batches = _artifact_batches(files[source], _column(tokenised[source], "_src"), *selected[name][:3],
+                                            progress, name)
+                dataset_files.write_split(tmp / name, _artifact_features(), batches, f"{fingerprint[:16]}-{name}")
+            dataset_files.write_dict_index(tmp, list(picked))
             preferred_fraction = counts["train"]["preferred"] / counts["train"]["rows"]
             artifacts.write_manifest(
                 tmp, stage="prepare", fingerprint=fingerprint, inputs=inputs, config=cfg.to_dict(),

@@ -169,9 +169,10 @@ def parse_batch(batch: dict, indices: list[int], settings: Settings) -> tuple[li
     return examples, sources
 
 
-def tokenise_batch(batch: dict, indices: list[int], *, tokenizer, settings: Settings) -> dict[str, list]:
-    """A `Dataset.map(batched=True, with_indices=True)` function: source rows -> tokenised rows + flags."""
-    examples, sources = parse_batch(batch, indices, settings)
+def tokenise_batch(batch: dict, indices: list[int], *, tokenizer, settings: Settings, offset: int = 0) -> dict[str, list]:
+    """A `Dataset.map(batched=True, with_indices=True)` function: source rows -> tokenised rows + flags.
+    `offset`: the split's index of the mapped part's first row (prepare maps a split a chunk at a time)."""
+    examples, sources = parse_batch(batch, [offset + i for i in indices], settings)
     texts = render_batch(examples, tokenizer, settings.use_template)
     encoded = piece_encoding.encoder(tokenizer)([text for pair in texts for text in pair])
     prompt_ids, full_ids = encoded[0::2], encoded[1::2]

@@ -345,8 +345,9 @@ EXACTNESS_CASES = [
                          ids=[f"{f}-{t}-{m}" for f, t, m, _ in EXACTNESS_CASES])
 def test_rows_equal_an_independent_per_row_computation(tmp_path, tiny_tokenizer_dir, no_template_tokenizer,
                                                        monkeypatch, fixture, template, max_length, max_prompt):
-    # two worker processes and 3-row batches, so rows cross batch and process boundaries
+    # two worker processes, 3-row batches and 7-row chunks, so rows cross batch, process and chunk boundaries
     monkeypatch.setattr(prepare, "BATCH_ROWS", 3)
+    monkeypatch.setattr(prepare, "CHUNK_ROWS", 7)
     overrides = {"data.dataset": str(FIXTURES / fixture), "data.max_length": max_length,
                  "data.max_prompt_length": max_prompt, "data.num_proc": 2,
                  "model.name": str(no_template_tokenizer if template == "none" else tiny_tokenizer_dir)}
@@ -398,8 +399,10 @@ def golden_digest(out: Path) -> tuple[str, dict]:
 
 
 @pytest.mark.bench  # 2 x 20k rows: minutes on 2 cores; the per-fixture exactness tests run in CI
-def test_20k_rows_equal_the_previous_implementation(tmp_path):
+def test_20k_rows_equal_the_previous_implementation(tmp_path, monkeypatch):
     import hashlib
+
+    monkeypatch.setattr(prepare, "CHUNK_ROWS", 6000)  # the split is mapped in 4 chunks, as a large one would be
 
     import synthetic_feedback
     from conftest import tiny_model
@@ -604,3 +607,19 @@ def test_progress_advances_by_rows_while_workers_run(tmp_path, tiny_llama, monke
     assert len(added) == 1 and added[0][2] == 20
     # the task appears at the first update; each worker reports its own rows, so at least two updates
     assert added[0][3] + sum(steps) == 20 and 1 + len(steps) >= 2 and 0 < added[0][3] < 20
+
+
+def test_a_bad_row_in_a_later_chunk_is_named_by_its_index_in_the_split(cli, tmp_path, tiny_llama, monkeypatch):
+    # prepare maps a split CHUNK_ROWS rows at a time; an Arrow source's rows are named by index, which must be
+    # the row's index in the whole split, not within its chunk
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(prepare, "BATCH_ROWS", 2)
+    monkeypatch.setattr(prepare, "CHUNK_ROWS", 4)
+    rows = [{"prompt": f"x {i}", "completion": "" if i == 9 else "y", "label": i % 2 == 0} for i in range(12)]
+    source = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), source)
+    code, out, _, stderr = _run(cli, tmp_path, source, tiny_llama, "--set", "data.num_proc=2")
+    assert code == 2 and f"{source} row 9: completion is empty" in stderr, stderr
+    assert "Traceback" not in stderr and not out.exists()
