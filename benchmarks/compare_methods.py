@@ -299,6 +299,7 @@ def run_one(workdir: Path, shared: dict, method: str, *, lr: float, seed: int, s
                   "--resume"]
     if loss != "pmle":  # reference-free: reads no logprobs artifact
         train_args += ["--logprobs", data["logprobs"]]
+    trained_before = (out / "train" / "manifest.json").is_file()  # stopped between train and eval
     started = time.perf_counter()
     code, output = cli(*with_sets(train_args, sets))
     if code == 2 and "was written by a run with other settings" in output:
@@ -307,6 +308,8 @@ def run_one(workdir: Path, shared: dict, method: str, *, lr: float, seed: int, s
         started = time.perf_counter()
         code, output = cli(*with_sets([a if a != "--resume" else "--force" for a in train_args], sets))
     train_seconds = time.perf_counter() - started
+    if trained_before and code == 0:  # train only found its finished run: its own record of the time
+        train_seconds = json.loads((out / "train" / "manifest.json").read_text()).get("wall_seconds", train_seconds)
     rows = read_metrics(out / "train" / "metrics.jsonl")
     result = {"method": method, "loss": loss, "kind": kind, "seed": seed, "lr": lr, "settings_key": key,
               "train_seconds": round(train_seconds, 1),
