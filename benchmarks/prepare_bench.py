@@ -61,6 +61,18 @@ def measured(argv: list[str], log: Path, package_root: Path = ROOT) -> dict:
     return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "peak_pss_mb": peak_pss / 2**20, "log": str(log)}
 
 
+def rates(run: dict, rows: int, tokens: int) -> dict:
+    """A measured run with its row and token counts and their rates."""
+    return {**run, "rows": rows, "tokens": tokens, "rows_per_s": rows / run["wall_s"],
+            "tokens_per_s": tokens / run["wall_s"]}
+
+
+def artifact_tokens(out: Path) -> int:
+    """Tokens in a prepare artifact, from its manifest's counts."""
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    return sum(c["tokens"] for c in counts.values())
+
+
 # ---------------------------------------------------------------- inputs
 
 
@@ -267,10 +279,7 @@ def main() -> None:
             run = measured([sys.executable, "-m", "rdro_cli", "prepare", "--dataset", str(source), "--model", str(tok),
                             "--out", str(out), "--force", "--set", f"data.num_proc={args.num_proc}"],
                            work / f"prepare-{n}.log")
-            counts = json.loads((out / "manifest.json").read_text())["counts"]
-            tokens = sum(c["tokens"] for c in counts.values())
-            results[f"rdro_{n}"] = {**run, "rows": n, "tokens": tokens, "rows_per_s": n / run["wall_s"],
-                                    "tokens_per_s": tokens / run["wall_s"]}
+            results[f"rdro_{n}"] = rates(run, n, artifact_tokens(out))
             artifacts_by_size[n] = out
             print(f"rdro prepare {n}: {run['wall_s']:.1f} s, {run['peak_rss_mb']:.0f} MB", file=sys.stderr)
         trl_source = data_file(work, args.trl_rows)
@@ -279,17 +288,13 @@ def main() -> None:
             out = work / "prepared-previous"
             run = measured([sys.executable, "-m", "rdro_cli", "prepare", "--dataset", str(trl_source), "--model",
                             str(tok), "--out", str(out), "--force"], work / "prepare-previous.log", previous)
-            counts = json.loads((out / "manifest.json").read_text())["counts"]
-            tokens = sum(c["tokens"] for c in counts.values())
-            results["previous"] = {**run, "rows": args.trl_rows, "tokens": tokens, "commit": args.previous,
-                                   "rows_per_s": args.trl_rows / run["wall_s"], "tokens_per_s": tokens / run["wall_s"]}
+            results["previous"] = {**rates(run, args.trl_rows, artifact_tokens(out)), "commit": args.previous}
             print(f"previous prepare ({args.previous}) {args.trl_rows}: {run['wall_s']:.1f} s, "
                   f"{run['peak_rss_mb']:.0f} MB", file=sys.stderr)
         run = measured([*me, "--contender", "trl", "--data", str(trl_source), "--tokenizer", str(tok),
                         "--out", str(work / "trl"), "--num-proc", str(num_proc)], work / "trl.log")
         trl_out = json.loads(Path(run["log"]).read_text().strip().splitlines()[-1])
-        results["trl"] = {**run, "rows": args.trl_rows, "tokens": trl_out["tokens"],
-                          "rows_per_s": args.trl_rows / run["wall_s"], "tokens_per_s": trl_out["tokens"] / run["wall_s"]}
+        results["trl"] = rates(run, args.trl_rows, trl_out["tokens"])
         print(f"trl kto prepare {args.trl_rows}: {run['wall_s']:.1f} s, {run['peak_rss_mb']:.0f} MB", file=sys.stderr)
 
         # (c) start-up on the largest artifact (tiled when --startup-rows asks for more)

@@ -174,7 +174,8 @@ def tokenise_batch(batch: dict, indices: list[int], *, tokenizer, settings: Sett
     `offset`: the split's index of the mapped part's first row (prepare maps a split a chunk at a time)."""
     examples, sources = parse_batch(batch, [offset + i for i in indices], settings)
     texts = render_batch(examples, tokenizer, settings.use_template)
-    encoded = piece_encoding.encoder(tokenizer)([text for pair in texts for text in pair])
+    encoder = piece_encoding.encoder(tokenizer)
+    encoded = encoder([text for pair in texts for text in pair])
     prompt_ids, full_ids = encoded[0::2], encoded[1::2]
     mismatch = [i for i, ((p_text, f_text), p, f) in enumerate(zip(texts, prompt_ids, full_ids, strict=True))
                 if f[: len(p)] != p or not f_text.startswith(p_text)]
@@ -197,7 +198,7 @@ def tokenise_batch(batch: dict, indices: list[int], *, tokenizer, settings: Sett
         mismatched.add(i) if boundary else mismatched.discard(i)
     completion_ids = [f[len(p):] for p, f in zip(prompt_ids, full_ids, strict=True)]
     exact = [i not in mismatched and not control[i] for i in range(len(examples))]
-    completion_texts = piece_encoding.encoder(tokenizer).completion_texts(texts, completion_ids, exact)
+    completion_texts = encoder.completion_texts(texts, completion_ids, exact)
     out = {name: [] for name in FEATURES}
     for i, example in enumerate(examples):
         prompt, completion = prompt_ids[i], completion_ids[i]
