@@ -27,7 +27,8 @@ prompts for both methods, so the difference is paired) and seeds resampled withi
     .venv/bin/python benchmarks/compare_methods.py                 # the full benchmark (see the budget below)
     .venv/bin/python benchmarks/compare_methods.py --seeds 1 --no-high-lr   # a partial run: one seed each
     .venv/bin/python benchmarks/compare_methods.py --report-only   # aggregate what has finished, no training
-    .venv/bin/python benchmarks/compare_methods.py --quick         # smoke run (tests/test_compare_methods.py)
+    .venv/bin/python benchmarks/compare_methods.py --quick         # smoke run on SmolLM2 (a few minutes)
+    .venv/bin/python benchmarks/compare_methods.py --quick --model DIR   # the same on any checkpoint (CI: a tiny one)
 
 Budget (benchmarks/README.md, "compare_methods.py"): the defaults were chosen from a pilot on this 2-core
 machine so that 11 methods x (3 seeds + 1 at 5x the learning rate) = 44 runs fit in about 2.5 hours.
@@ -451,7 +452,8 @@ def plot(summary: dict, results: list[dict], workdir: Path, *, base_lr: float, h
     figure = figure_cls(figsize=(13, 4.6))
     bars, ratio_ax, norm_ax = figure.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1, 1]})
     methods = list(summary)
-    colours = {m: (f"C{i}" if i < 10 else f"tab:{['olive', 'cyan', 'brown', 'pink', 'gray'][i - 10]}")
+    # the default cycle (tab10) first, then colours outside it: tab:olive and the like *are* C8 and so on
+    colours = {m: (f"C{i}" if i < 10 else ["black", "navy", "gold", "lime", "magenta"][(i - 10) % 5])
                for i, m in enumerate(methods)}
     means = [summary[m]["accuracy"] or 0.0 for m in methods]
     errors = [summary[m]["accuracy_sd"] or 0.0 for m in methods]
@@ -617,7 +619,8 @@ def main(argv: list[str] | None = None) -> None:
     base = shared.get("base_eval")
     complete = len(results) == len(plan(methods, seeds, base_lr, high_lr))
     label = args.label or ("quick" if args.quick else "full" if complete else "partial")
-    title = (f"compare_methods ({label}): SmolLM2-135M-Instruct + LoRA, demo data, {steps} steps of batch "
+    model_name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
+    title = (f"compare_methods ({label}): {model_name} + LoRA, demo data, {steps} steps of batch "
              f"{recipe['batch_size']}, lr {base_lr:g} (x: {_g(high_lr)}), {eval_limit} held-out prompts")
     png = plot(summary, results, workdir, base_lr=base_lr, high_lr=high_lr, base=base,
                path=(readme.parent if readme else workdir) / PNG_NAME, title=title)

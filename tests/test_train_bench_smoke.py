@@ -29,23 +29,22 @@ def _run(contenders: str) -> dict:
 
 
 @pytest.mark.slow
-def test_quick_rdro_and_plain_loop():
-    summary = _run("ad")
-    assert KEYS <= summary.keys()
-    for c in ("a", "d"):
-        assert summary["tokens_per_s"][c] > 0
-        assert summary["peak_memory_mb"][c] > 0
-    assert summary["tokens_per_s"]["b"] is None and summary["speedup_vs_trl"] is None
-    assert summary["speedup_vs_plain"] > 0
-    assert summary["first_loss_abs_diff"] < 1e-5
-
-
-@pytest.mark.slow
-def test_quick_with_trl():
-    pytest.importorskip("trl")
+def test_quick_run_of_every_installed_contender():
+    """One --quick run (CI time): every contender when TRL is installed (`make setup` installs it), else rdro
+    and the plain loop only, and then the TRL columns are empty."""
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        summary = _run("ad")
+        assert KEYS <= summary.keys()
+        assert all(summary["tokens_per_s"][c] > 0 and summary["peak_memory_mb"][c] > 0 for c in "ad")
+        assert summary["tokens_per_s"]["b"] is None and summary["speedup_vs_trl"] is None
+        assert summary["speedup_vs_plain"] > 0 and summary["first_loss_abs_diff"] < 1e-5
+        return
     summary = _run("abcd")
     assert KEYS <= summary.keys()
-    assert all(summary["tokens_per_s"][c] > 0 for c in "abcd")
+    assert all(summary["tokens_per_s"][c] > 0 and summary["peak_memory_mb"][c] > 0 for c in "abcd")
+    assert summary["speedup_vs_trl"] > 0 and summary["speedup_vs_plain"] > 0
     assert summary["first_loss_abs_diff"] < 1e-5
     assert summary["settings"]["b"]["rows_match"] and summary["settings"]["c"]["rows_match"]
     assert summary["settings"]["b"]["kl_passes"] and summary["settings"]["b"]["reference_in_memory"]
