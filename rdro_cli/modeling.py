@@ -377,6 +377,18 @@ def load_tokenizer(
         raise UserError(_load_error_message("tokenizer", name, exc)) from exc
 
 
+def recipe_tokenizer(cfg):
+    """The tokenizer of `model.name` with the recipe's `model.chat_template` (prepare renders with it; train
+    saves it with the trained model)."""
+    if not cfg.model.name:
+        raise UserError("no tokenizer: pass --model (a hub id or local dir) or set model.name")
+    tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision or None,
+                               trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.chat_template:
+        tokenizer.chat_template = resolve_chat_template(cfg.model.chat_template)
+    return tokenizer
+
+
 def resolve_chat_template(value: str) -> str:
     """`model.chat_template` -> the Jinja text: a file's content, or the value itself when it is template
     text (it holds `{{` or `{%`). Anything else names a file that does not exist: a one-line error, rather

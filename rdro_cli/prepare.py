@@ -33,16 +33,6 @@ ARTIFACT_COLUMNS = ("input_ids", "completion_start", "label", "pair_id", "kl_par
                     "completion_text", "prompt")
 
 
-def _load_tokenizer(cfg: Recipe):
-    if not cfg.model.name:
-        raise UserError("no tokenizer: pass --model (a hub id or local dir) or set model.name")
-    tokenizer = modeling.load_tokenizer(cfg.model.name, revision=cfg.model.revision or None,
-                                        trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.model.chat_template:
-        tokenizer.chat_template = modeling.resolve_chat_template(cfg.model.chat_template)
-    return tokenizer
-
-
 def _num_proc(cfg: Recipe, rows: int) -> int:
     """data.num_proc (0 = one per available core), never more workers than batches of rows."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -260,7 +250,7 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
                             f"set data.train_split")
         if not len(sources[cfg.data.train_split].dataset):
             raise UserError(f"{cfg.data.dataset}: no rows in the {cfg.data.train_split!r} split")
-        tokenizer = _load_tokenizer(cfg)
+        tokenizer = modeling.recipe_tokenizer(cfg)
         use_template = bool(tokenizer.chat_template)
         train_source = sources[cfg.data.train_split]
         head = train_source.dataset.select(range(min(100, len(train_source.dataset))))

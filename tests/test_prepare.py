@@ -521,14 +521,14 @@ def test_missing_chat_template_file_is_a_one_line_error(cli, tmp_path, tiny_llam
                                 "--chat-template", tmp_path / "missing" / "file.jinja")
     assert code == 2 and "file.jinja" in stderr and "neither an existing file nor Jinja" in stderr
     assert len(stderr.strip().splitlines()) == 1 and not out.exists()
-    from rdro_cli import modeling, train
+    from rdro_cli import modeling
 
     assert modeling.resolve_chat_template("{{ messages }}") == "{{ messages }}"
     (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     assert modeling.resolve_chat_template(str(tmp_path / "t.jinja")).startswith("{% for")
     cfg = load_recipe(None, [], {"model.name": str(tiny_llama), "model.chat_template": "templates/chatml.jinja"})
     with pytest.raises(prepare.UserError, match="neither an existing file"):
-        train._load_tokenizer(cfg)
+        modeling.recipe_tokenizer(cfg)
 
 
 @pytest.mark.parametrize("template", ["chatml", "none"])

@@ -19,7 +19,7 @@ from conftest import systematic_rows, write_jsonl
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from rdro_cli import integrity, losses, modeling, train
+from rdro_cli import checkpoints, integrity, losses, modeling
 from rdro_cli.cli import app
 from rdro_cli.recipe import load_recipe
 
@@ -181,14 +181,14 @@ LORA = ["lora.enabled=true", "lora.r=4", "lora.dropout=0.1", "lora.target_module
 
 def _stop_at(monkeypatch, step: int, how):
     """Runs `how()` right after the metrics row of `step` is written (the loop's per-step hook)."""
-    original = train._append_metrics
+    original = checkpoints.append_metrics
 
     def append(path, row):
         original(path, row)
         if row["step"] == step:
             how()
 
-    monkeypatch.setattr(train, "_append_metrics", append)
+    monkeypatch.setattr(checkpoints, "append_metrics", append)
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(systematic_run, tiny_llama, tmp_path,

@@ -11,7 +11,7 @@ import pytest
 from conftest import systematic_rows, write_jsonl
 from test_train import COMMON, _cli, _metrics, _train  # one CLI-driving helper set for train tests
 
-from rdro_cli import train
+from rdro_cli import checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,14 +86,14 @@ def test_kldo_resumed_run_equals_an_uninterrupted_one(unpaired_run, tiny_llama, 
     sets = ["train.max_steps=5", "train.save_every=2", "loss.kldo_estimator=ma"]
     code, _, err = _train(unpaired_run, tmp_path / "straight", tiny_llama, *sets, loss="kldo")
     assert code == 0, err
-    original = train._append_metrics
+    original = checkpoints.append_metrics
 
     def crash_after_three(path, row):
         original(path, row)
         if row["step"] == 3:
             raise RuntimeError("killed")
 
-    monkeypatch.setattr(train, "_append_metrics", crash_after_three)
+    monkeypatch.setattr(checkpoints, "append_metrics", crash_after_three)
     out = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="killed"):
         _train(unpaired_run, out, tiny_llama, *sets, loss="kldo")
