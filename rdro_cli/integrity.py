@@ -193,6 +193,20 @@ def artifact_problem(directory: str | Path) -> str | None:
     return files_problem(directory, manifest.get(FILES_KEY) or {})
 
 
+def listed_files_problem(directory: str | Path, names: tuple[str, ...]) -> str | None:
+    """Like artifact_problem, for only the files `names` of a finished stage directory that its manifest lists
+    (a reader of a few small files need not hash the model beside them). None when there is no manifest:
+    an unfinished run is read as it is."""
+    problem = manifest_problem(directory)
+    if problem:
+        return problem
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    files = json.loads(path.read_text(encoding="utf-8")).get(FILES_KEY) or {}
+    return files_problem(directory, {name: files[name] for name in names if name in files})
+
+
 def reseal(directory: str | Path) -> None:
     """Re-records the file digests and the seal of an existing manifest, for files changed on purpose
     (tests that build a valid artifact of another shape, tools that migrate artifacts)."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rdro_cli import metrics, outputs
+from rdro_cli import integrity, metrics, outputs
 from rdro_cli.artifacts import read_manifest, write_text_atomic
 from rdro_cli.errors import UserError
 
@@ -112,10 +112,19 @@ def _metrics_path(run: Path) -> Path:
     raise UserError(f"{run}: no train/{METRICS}; run `rdro train` first")
 
 
+def _require_intact(directory: Path, names: tuple[str, ...], stage: str) -> None:
+    """The files the report reads from a finished stage are the bytes that stage wrote (its manifest's
+    digests); a report drawn from damaged files would show numbers nobody measured."""
+    problem = integrity.listed_files_problem(directory, names)
+    if problem:
+        raise UserError(f"{problem}; re-run `rdro {stage}` with --force (`rdro verify` checks a whole run)")
+
+
 def _read_eval(directory: Path) -> EvalResult | None:
     path = directory / "eval.json"
     if not path.is_file():
         return None
+    _require_intact(directory, ("eval.json", "logratios.safetensors"), "eval")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
@@ -167,6 +176,7 @@ def load_runs(cfg, runs: list[Path], baseline: Path | None) -> list[RunData]:
     for run, metrics_path, manifest, config, label in zip(runs, metrics_paths, manifests, configs,
                                                           _labels(runs, configs), strict=True):
         run = Path(run)
+        _require_intact(metrics_path.parent, (METRICS,), "train")
         rows = read_metrics(metrics_path)
         if not rows:
             raise UserError(f"{metrics_path}: no training steps logged yet")

@@ -263,3 +263,38 @@ def test_report_never_writes_into_a_directory_of_someone_elses_files(tmp_path):
     with pytest.raises(UserError, match="holds files rdro did not write"):
         report.run(None, runs=[run], out=mine)
     assert (mine / "loss.png").read_bytes() == b"my own picture" and len(list(mine.iterdir())) == 1
+
+
+@pytest.mark.parametrize("damaged", ["train/metrics.jsonl", "eval/eval.json", "eval/logratios.safetensors"])
+def test_a_finished_runs_damaged_file_is_refused_not_plotted(runs, tmp_path, damaged):
+    """A file the report reads from a finished stage must be the bytes that stage sealed in its manifest:
+    one flipped byte (same size, so only the digest can tell) is one line naming the file, and no report."""
+    import shutil
+
+    _, a, _ = runs
+    run = tmp_path / "copy"
+    shutil.copytree(a, run, ignore=shutil.ignore_patterns("report"))
+    path = run / damaged
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle] = ord("7") if data[middle] != ord("7") else ord("8")  # a digit in a JSON number, or any byte
+    path.write_bytes(bytes(data))
+    code, _, stderr = _invoke("report", "--run", run, "--out", tmp_path / "out")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert str(path) in stderr and "damaged" in stderr and "rdro verify" in stderr
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_an_unfinished_run_is_reported_as_it_is(runs, tmp_path):
+    """Training still running (no train manifest yet): its metrics are read unchecked, as they grow."""
+    import shutil
+
+    _, a, _ = runs
+    run = tmp_path / "live"
+    shutil.copytree(a, run, ignore=shutil.ignore_patterns("report", "eval", "eval-base"))
+    (run / "train" / "manifest.json").unlink()
+    with open(run / "train" / "metrics.jsonl", "a", encoding="utf-8") as handle:  # a step logged after the seal
+        last = json.loads((a / "train" / "metrics.jsonl").read_text().splitlines()[-1])
+        handle.write(json.dumps({**last, "step": last["step"] + 1}) + "\n")
+    _ok("report", "--run", run, "--out", tmp_path / "out")
+    assert (tmp_path / "out" / "report.md").is_file()
