@@ -178,10 +178,12 @@ def files_problem(directory: str | Path, files: dict) -> str | None:
     return None
 
 
-def artifact_problem(directory: str | Path) -> str | None:
+def artifact_problem(directory: str | Path, only: tuple[str, ...] | None = None) -> str | None:
     """Why the stage artifact in `directory` is not intact (manifest or any file it lists), or None.
+    `only`: check just these of its files (a reader of a few small files need not hash the model beside them).
 
-    A directory without a (readable) manifest is not judged here: require_input says it is incomplete."""
+    A directory without a (readable) manifest is not judged here: require_input says it is incomplete, and
+    a run still training is read as it is."""
     directory = Path(directory)
     problem = manifest_problem(directory)
     if problem:
@@ -189,22 +191,8 @@ def artifact_problem(directory: str | Path) -> str | None:
     path = directory / MANIFEST
     if not path.is_file():
         return None
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    return files_problem(directory, manifest.get(FILES_KEY) or {})
-
-
-def listed_files_problem(directory: str | Path, names: tuple[str, ...]) -> str | None:
-    """Like artifact_problem, for only the files `names` of a finished stage directory that its manifest lists
-    (a reader of a few small files need not hash the model beside them). None when there is no manifest:
-    an unfinished run is read as it is."""
-    problem = manifest_problem(directory)
-    if problem:
-        return problem
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
     files = json.loads(path.read_text(encoding="utf-8")).get(FILES_KEY) or {}
-    return files_problem(directory, {name: files[name] for name in names if name in files})
+    return files_problem(directory, files if only is None else {name: files[name] for name in only if name in files})
 
 
 def reseal(directory: str | Path) -> None:

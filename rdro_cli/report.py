@@ -115,7 +115,7 @@ def _metrics_path(run: Path) -> Path:
 def _require_intact(directory: Path, names: tuple[str, ...], stage: str) -> None:
     """The files the report reads from a finished stage are the bytes that stage wrote (its manifest's
     digests); a report drawn from damaged files would show numbers nobody measured."""
-    problem = integrity.listed_files_problem(directory, names)
+    problem = integrity.artifact_problem(directory, only=names)
     if problem:
         raise UserError(f"{problem}; re-run `rdro {stage}` with --force (`rdro verify` checks a whole run)")
 
