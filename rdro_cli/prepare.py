@@ -187,12 +187,11 @@ def _select(tokenised, source_rows: np.ndarray, first_pair_id: int, cfg: Recipe,
 
 
 def _artifact_batches(files: list[str], src: np.ndarray, rows: np.ndarray, pair_id: np.ndarray,
-                      kl_partner: np.ndarray, progress, name: str):
-    """The artifact's record batches of one split: the kept `rows` (ascending positions in the tokenised
-    split) of the tokenised files, read a batch at a time, with their pair ids and KL partners."""
+                      kl_partner: np.ndarray, schema, progress, name: str):
+    """The artifact's record batches (of `schema`) of one split: the kept `rows` (ascending positions in the
+    tokenised split) of the tokenised files, read a batch at a time, with their pair ids and KL partners."""
     import pyarrow as pa
 
-    schema = _artifact_features().arrow_schema
     if len(rows) > 1 and not (np.diff(rows) > 0).all():
         raise RuntimeError("artifact rows must be ascending")
     task = progress.add_task(f"writing {name}", total=len(rows))
@@ -298,11 +297,12 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
         # int32 ids, and the texts beside them take about as much again
         need = 8 * sum(c.get("tokens", 0) for c in counts.values()) + 65536
         with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp, task_progress() as progress:
+            features = _artifact_features()
             for name in picked:
                 source = picked[name][0]
                 batches = _artifact_batches(files[source], _column(tokenised[source], "_src"), *selected[name][:3],
-                                            progress, name)
-                dataset_files.write_split(tmp / name, _artifact_features(), batches, f"{fingerprint[:16]}-{name}")
+                                            features.arrow_schema, progress, name)
+                dataset_files.write_split(tmp / name, features, batches, f"{fingerprint[:16]}-{name}")
             dataset_files.write_dict_index(tmp, list(picked))
             preferred_fraction = counts["train"]["preferred"] / counts["train"]["rows"]
             artifacts.write_manifest(
