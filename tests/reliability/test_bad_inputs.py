@@ -132,6 +132,8 @@ CASES = [
                                                 "--logprobs", "{run}/logprobs", "--out", "{tmp}/out"],
      "no tokenizer files"),
     ("report-missing-run", lambda t: ["report", "--run", t / "no-run", "--out", "{tmp}/out"], "no-run"),
+    ("report-damaged-metrics", lambda t: ["report", "--run", "{damaged_run}", "--out", "{tmp}/out"],
+     "{damaged_run}/train/metrics.jsonl: damaged (content differs from its recorded digest)"),
     # outputs: rdro never replaces what it did not write (each of these deleted or replaced data before)
     ("out-is-a-file", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{llama}", "--out",
                                          _file(t, "notes.txt", "keep me")), "is a file, not an rdro prepare output"),
@@ -215,13 +217,18 @@ def places(tmp_path_factory, run_dir, tiny_llama, tiny_qwen2, no_template_tokeni
     unfinished = root / "unfinished-train"  # what a kill between final/ and the manifest leaves
     shutil.copytree(run_dir / "train", unfinished)
     (unfinished / "manifest.json").unlink()
+    damaged = root / "damaged-run"  # a finished run whose metrics.jsonl lost a bit (same size)
+    shutil.copytree(run_dir / "train", damaged / "train")
+    metrics = bytearray((damaged / "train" / "metrics.jsonl").read_bytes())
+    metrics[len(metrics) // 2] ^= 0x01
+    (damaged / "train" / "metrics.jsonl").write_bytes(bytes(metrics))
     other = root / "other-data"
     prepare.run(__import__("rdro_cli.recipe", fromlist=["load_recipe"]).load_recipe(
         None, [], {"data.dataset": str(write_jsonl(root / "other.jsonl", systematic_rows(20, seed=3))),
                    "model.name": str(tiny_llama)}), out=other)
     return {"llama": tiny_llama, "qwen": tiny_qwen2, "notemplate": no_template_tokenizer, "run": run_dir,
             "pickle": pickle_dir, "no_tokenizer": no_tokenizer, "wide": wide, "half": half,
-            "orphan_adapter": orphan, "other_data": other, "unfinished": unfinished}
+            "orphan_adapter": orphan, "other_data": other, "unfinished": unfinished, "damaged_run": damaged}
 
 
 def _tree(path: Path) -> set[str]:
