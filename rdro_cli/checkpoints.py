@@ -72,9 +72,21 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def _start_fresh(out: Path, is_main: bool) -> None:
-    if is_main and out.exists():  # `outputs.claim` made sure `out` holds nothing but a train run of rdro's
-        shutil.rmtree(out)
+@dataclass
+class Opening:
+    """What `open_output` decided, before anything on disk changed; `begin` carries it out.
+
+    action: "done" (nothing to train), "fresh" (train from the policy's initialisation) or "resume" (from
+    `checkpoint`). `replaces`: a fresh start removes what `out` holds (--force, or a run killed before its
+    first checkpoint). `reopens`: a finished run trains longer, so its manifest goes (it is unfinished again).
+    `note`: what to tell the user about the decision (stderr), if anything.
+    """
+
+    action: str
+    checkpoint: Path | None = None
+    replaces: bool = False
+    reopens: bool = False
+    note: str | None = None
 
 
 def _refuse_other_run(where: Path, recorded: dict | None, identity: dict, what: str) -> None:
@@ -87,50 +99,87 @@ def _refuse_other_run(where: Path, recorded: dict | None, identity: dict, what: 
                     f"and trackers may change); restore them, or pass --force to start over")
 
 
-def open_output(out: Path, identity: dict, total_steps: int, *, resume: bool, force: bool, is_main: bool):
-    """"done", None (start fresh) or the checkpoint to resume from; refuses to mix runs.
+def _read_state(checkpoint: Path) -> dict:
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{checkpoint / STATE_FILE}: unreadable ({err}); delete {checkpoint} to resume from the "
+                        f"checkpoint before it, or pass --force to start over") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UserError(f"{checkpoint / STATE_FILE}: not a checkpoint state written by rdro; delete {checkpoint} "
+                        f"to resume from the checkpoint before it, or pass --force to start over")
+    return state
 
-    A resumed run may train longer (train.max_steps / epochs upward) and change what does not touch the
-    weights (logging, checkpoint cadence, trackers); anything else is refused, naming every key that differs.
+
+def open_output(out: Path, identity: dict, total_steps: int, *, resume: bool, force: bool,
+                processes: int = 1) -> Opening:
+    """Decides between "done", a fresh start and resuming from a checkpoint; refuses to mix runs.
+
+    Only reads: every refusal comes before anything in `out` changes (`begin` makes the changes, once every
+    other check of the stage has passed too). A resumed run may train longer (train.max_steps / epochs
+    upward) and change what does not touch the weights (logging, checkpoint cadence, trackers); anything
+    else is refused, naming every key that differs. `--resume` never starts a run over that has a `final/`:
+    with no checkpoint to continue from it refuses and names --force.
     """
     fingerprint = run_fingerprint(identity)
     manifest = artifacts.read_manifest(out)
+    has_anything = out.is_dir() and any(out.iterdir())
     if force:
-        _start_fresh(out, is_main)
-        return None
+        return Opening("fresh", replaces=has_anything)
     checkpoints = complete_checkpoints(out)
-    if manifest is not None:
+    finished = manifest is not None
+    if finished:
         trained = manifest.get("counts", {}).get("steps")
         if manifest.get("fingerprint") != fingerprint:
             _refuse_other_run(out, manifest.get("identity"), identity, "holds a finished training run")
         if trained == total_steps:
-            return "done"
+            return Opening("done")
         if not resume:
             raise UserError(f"{out}: holds a finished run of {trained} steps and {total_steps} are asked for; "
                             f"pass --resume to continue it, or --force to start over")
-        if is_main:  # training on: the run is unfinished again until its new manifest
-            (out / artifacts.MANIFEST).unlink()
-            artifacts.fsync_dir(out)
     elif not resume:
-        if out.is_dir() and (checkpoints or (out / METRICS_FILE).exists()):
+        if out.is_dir() and (checkpoints or (out / METRICS_FILE).exists() or (out / "final").exists()):
             raise UserError(f"{out}: holds an unfinished training run; pass --resume to continue it or --force "
                             f"to start over")
-        _start_fresh(out, is_main)
-        return None
+        return Opening("fresh", replaces=has_anything)
     if not checkpoints:
-        _start_fresh(out, is_main)  # nothing to continue from: a run killed before its first checkpoint
-        return None
-    state = json.loads((checkpoints[-1] / STATE_FILE).read_text())
+        if (out / "final").exists():  # a model is here: starting over would silently replace it
+            what = f"a finished run of {manifest.get('counts', {}).get('steps')} steps" if finished \
+                else "a run with a final/ model"
+            raise UserError(f"{out}: holds {what} but no checkpoint to continue from (checkpoints/ is empty: "
+                            f"train.save_every = 0, or it was deleted), so --resume cannot train it further; "
+                            f"pass --force to retrain from scratch (this replaces {out / 'final'}), or keep "
+                            f"checkpoints/ next time (train.keep_checkpoints >= 1)")
+        note = f"train: --resume found no checkpoint in {out}; starting from step 0" if has_anything \
+            else f"train: --resume found no run in {out}; starting a new one"
+        return Opening("fresh", replaces=has_anything, note=note)
+    last = checkpoints[-1]
+    state = _read_state(last)
     if state.get("fingerprint") != fingerprint:
-        _refuse_other_run(checkpoints[-1], state.get("identity"), identity, "was written by a run")
+        _refuse_other_run(last, state.get("identity"), identity, "was written by a run")
     if state["step"] > total_steps:
-        raise UserError(f"{checkpoints[-1]}: the run has trained {state['step']} steps, more than the "
+        raise UserError(f"{last}: the run has trained {state['step']} steps, more than the "
                         f"{total_steps} asked for; --resume can only train longer (raise train.max_steps)")
-    damaged = integrity.checkpoint_problem(checkpoints[-1], STATE_FILE)
+    written_by = len(state.get("rng") or [])
+    if written_by and written_by != processes:
+        raise UserError(f"{last}: written by {written_by} processes, resumed with {processes}; resume with the "
+                        f"same launch settings")
+    damaged = integrity.checkpoint_problem(last, STATE_FILE)
     if damaged:
-        raise UserError(f"{damaged}; delete {checkpoints[-1]} to resume from the checkpoint before it, or pass "
+        raise UserError(f"{damaged}; delete {last} to resume from the checkpoint before it, or pass "
                         f"--force to start over")
-    return checkpoints[-1]
+    return Opening("resume", checkpoint=last, reopens=finished)
+
+
+def begin(out: Path, opening: Opening, *, is_main: bool) -> None:
+    """Carries out what `open_output` decided, after every check of the stage has passed (main process)."""
+    if not is_main:
+        return
+    if opening.replaces and out.exists():  # `outputs.claim` made sure `out` holds nothing but a train run of rdro's
+        shutil.rmtree(out)
+    if opening.reopens:  # training on: the run is unfinished again until its new manifest
+        (out / artifacts.MANIFEST).unlink(missing_ok=True)
+        artifacts.fsync_dir(out)
 
 
 def _rng_state() -> dict:
@@ -162,9 +211,6 @@ def restore(session, checkpoint: Path) -> None:
     else:
         session.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
     session.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    if len(body["rng"]) != accelerator.num_processes:
-        raise UserError(f"{checkpoint}: written by {len(body['rng'])} processes, resumed with "
-                        f"{accelerator.num_processes}; resume with the same launch settings")
     _set_rng_state(body["rng"][accelerator.process_index])
     session.state = TrainState(**{k: body[k] for k in vars(TrainState()) if k in body})  # older: no kldo_ema
     session.last_checkpoint = checkpoint
@@ -253,7 +299,7 @@ def append_metrics(path: Path, row: dict) -> None:
             raise
 
 
-def save_final(session, tokenizer, dataset: str) -> Path:
+def save_final(session, tokenizer, dataset: str, *, reference: dict | None = None) -> Path:
     final = session.out / "final"
     if not session.accelerator.is_main_process:
         _save_model(session, final)  # only takes part in gathering the weights
@@ -268,7 +314,8 @@ def save_final(session, tokenizer, dataset: str) -> Path:
             # after the weights: replaces the empty template peft writes next to an adapter
             metadata = model_card.training_metadata(
                 session.cfg, adapter=session.cfg.lora.enabled, steps=session.state.step, dataset=dataset,
-                alpha=session.loss_kwargs.get("alpha"), processes=session.accelerator.num_processes)
+                alpha=session.loss_kwargs.get("alpha"), processes=session.accelerator.num_processes,
+                base_fingerprint=session.identity["inputs"]["model"], reference=reference)
             model_card.write(tmp, metadata, name=session.out.resolve().parent.name)
     session.accelerator.wait_for_everyone()
     return final

@@ -314,6 +314,31 @@ def check_model(name: str, cfg: Recipe) -> dict:
     return {"model": model_fingerprint(name, revision=cfg.model.revision or None)}
 
 
+def _training_manifest(model: Path) -> dict | None:
+    """The train manifest a model directory came from: `<train>/final`, or a merge of such an adapter."""
+    manifest = artifacts.read_manifest(model)
+    if manifest and manifest.get("stage") == "merge" and manifest.get("adapter"):
+        model = Path(manifest["adapter"])
+    if model.name != "final":
+        return None
+    manifest = artifacts.read_manifest(model.parent)
+    return manifest if manifest and manifest.get("stage") == "train" else None
+
+
+def trained_on_other_data(model_name: str, data_fingerprint: str | None) -> str | None:
+    """A warning when the model was trained by rdro on another prepare artifact than the one eval scores
+    (whose test split may then hold its training prompts), else None."""
+    local = Path(model_name).expanduser()
+    if data_fingerprint is None or not local.is_dir():
+        return None
+    manifest = _training_manifest(local)
+    trained = (manifest or {}).get("inputs", {}).get("data")
+    if trained is None or trained == data_fingerprint:
+        return None
+    return (f"{model_name} was trained on another prepare artifact (data {trained[:12]}) than the one scored "
+            f"here ({data_fingerprint[:12]}); its test split may hold prompts the model was trained on")
+
+
 def load_eval_model(name: str, cfg: Recipe):
     """(model in eval mode on the accelerator if any, tokenizer); an adapter dir is loaded with peft on its base."""
     from rdro_cli.modeling import load_model, load_tokenizer
@@ -553,6 +578,9 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     for task in tasks:
         payloads[task], task_inputs = READERS[task](cfg, data, logprobs)
         inputs.update(task_inputs)
+    warnings = [other] if (other := trained_on_other_data(model_name, inputs.get("data"))) else []
+    for warning in warnings:
+        _console().print(f"eval: warning: {warning}", soft_wrap=True)
     settings = {"eval": dataclasses.asdict(cfg.eval), "dtype": cfg.model.dtype, "model": model_name}
     fingerprint = artifacts.fingerprint_json({"inputs": inputs, "settings": settings})
     if not force and artifacts.is_done(out, fingerprint):
@@ -574,8 +602,9 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
         for task in tasks:
             extra = {"generator": generator_name(model_name)} if task == "generate" else {}
             results[task] = runners[task](model, tokenizer, payloads[task], cfg, tmp, **extra)
-        (tmp / "eval.json").write_text(json.dumps({"model": model_name, "tasks": results}, indent=2) + "\n",
-                                       encoding="utf-8")
+        (tmp / "eval.json").write_text(json.dumps({"model": model_name, "tasks": results,
+                                                   **({"warnings": warnings} if warnings else {})}, indent=2)
+                                       + "\n", encoding="utf-8")
         counts = {task: _examples(task, payload) for task, payload in payloads.items()}
         artifacts.write_manifest(tmp, stage="eval", fingerprint=fingerprint, inputs=inputs, config=cfg.to_dict(),
                                  counts=counts, started=started, model=model_name)

@@ -149,6 +149,7 @@ def run(cfg: Recipe, *, data: Path | None = None, out: Path | None = None, force
         if state.is_main_process:
             console.print(f"logprobs: {out} is up to date (use --force to recompute)", soft_wrap=True)
         return out
+    outputs.refuse_replacing_used(out, "logprobs", fingerprint, force=force)
 
     partial = out.with_name(out.name + ".partial")
     reuse = _reusable_partial(partial, fingerprint, force)

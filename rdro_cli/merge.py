@@ -131,6 +131,33 @@ def _shape_problem(skeleton, params: dict, name: str, shape: tuple[int, ...]) ->
     return None
 
 
+def recorded_base(adapter: Path) -> tuple[str | None, str | None]:
+    """(name, fingerprint) of the base an rdro adapter was trained on: its model card records both, and an
+    adapter still in its run's `train/final` has the train manifest's; (None, None) for a foreign adapter."""
+    from huggingface_hub import ModelCard
+
+    if (adapter / model_card.CARD_FILE).is_file():
+        try:
+            block = ModelCard.load(adapter / model_card.CARD_FILE).data.to_dict().get("rdro") or {}
+        except Exception:  # noqa: BLE001 - a card we cannot parse records nothing we can use
+            block = {}
+        if block.get("base_model_fingerprint"):
+            return block.get("base_model"), block["base_model_fingerprint"]
+    manifest = artifacts.read_manifest(adapter.parent) if adapter.name == "final" else None
+    if manifest and manifest.get("stage") == "train" and manifest.get("inputs", {}).get("model"):
+        return manifest.get("config", {}).get("model", {}).get("name"), manifest["inputs"]["model"]
+    return None, None
+
+
+def _check_recorded_base(adapter: Path, base: str, base_fingerprint: str) -> None:
+    """Refuses a base whose weights are not the ones the adapter was trained on, also when every shape fits
+    (a fine-tune of the same architecture, another checkpoint of the same model)."""
+    name, fingerprint = recorded_base(adapter)
+    if fingerprint and fingerprint != base_fingerprint:
+        raise UserError(f"{adapter}: was trained on {name or 'another base'!r}, and base {base!r} holds other "
+                        f"weights (same shapes, different content); pass the base it was trained on with --base")
+
+
 def _merge_dtype(cfg: Recipe, config) -> str:
     """auto = the dtype the base was saved in (merging a 7B model in float32 on CPU would need 28 GB)."""
     if cfg.model.dtype != "auto":
@@ -174,6 +201,7 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
 
     inputs = {"adapter": modeling.model_fingerprint(adapter),
               "base": modeling.model_fingerprint(base, revision=cfg.model.revision or None)}
+    _check_recorded_base(adapter, base, inputs["base"])
     base_config = _base_config(base, cfg)
     dtype = _merge_dtype(cfg, base_config)
     fingerprint = artifacts.fingerprint_json({"inputs": inputs, "dtype": dtype})

@@ -57,14 +57,23 @@ def _dataset_id(spec: str) -> str | None:
 
 
 def training_metadata(cfg: Recipe, *, adapter: bool, steps: int, alpha: float | None, dataset: str,
-                      processes: int = 1) -> dict[str, Any]:
-    """Card metadata of a model `train` wrote from `cfg` (the resolved recipe)."""
+                      processes: int = 1, base_fingerprint: str | None = None,
+                      reference: dict | None = None) -> dict[str, Any]:
+    """Card metadata of a model `train` wrote from `cfg` (the resolved recipe).
+
+    `base_fingerprint` (modeling.model_fingerprint of the policy's initialisation) lets `merge` refuse a base
+    with other weights; `reference` ({"name", "fingerprint"}) is the model the reference log-probs came from.
+    """
     loss = {"name": cfg.loss.name, **{k: getattr(cfg.loss, k) for k in LOSS_KEYS[cfg.loss.name]}}
     if cfg.loss.name == "rdro":
         loss.update(alpha=alpha, alpha_setting=cfg.loss.alpha)
     rdro = {"version": __version__, "method": cfg.loss.name, "loss": loss,
             "training": {**{k: getattr(cfg.train, k) for k in TRAIN_KEYS}, "steps": steps, "processes": processes},
             "base_model": cfg.model.name, "dataset": dataset}
+    if base_fingerprint:
+        rdro["base_model_fingerprint"] = base_fingerprint
+    if reference:
+        rdro["reference_model"] = dict(reference)
     if cfg.lora.enabled:
         rdro["lora"] = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                         "target_modules": list(cfg.lora.target_modules)}

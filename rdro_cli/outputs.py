@@ -159,6 +159,39 @@ def claim(out: Path, stage: str, *, inputs: Iterable[Path | str | None] = (), is
     return out
 
 
+def made_from(artifact: Path) -> list[Path]:
+    """The finished artifacts beside `artifact` (the other stages of its run directory) whose manifests record
+    `artifact`'s fingerprint among their inputs: what replacing it would leave stale."""
+    artifact = Path(artifact)
+    manifest = artifacts.read_manifest(artifact)
+    if manifest is None or not artifact.parent.is_dir():
+        return []
+    fingerprint = manifest.get("fingerprint")
+    found = []
+    for sibling in sorted(artifact.parent.iterdir()):
+        if sibling == artifact or not sibling.is_dir():
+            continue
+        recorded = (artifacts.read_manifest(sibling) or {}).get("inputs")
+        if isinstance(recorded, dict) and fingerprint in recorded.values():
+            found.append(sibling)
+    return found
+
+
+def refuse_replacing_used(out: Path, stage: str, fingerprint: str, *, force: bool) -> None:
+    """Refuses (without --force) to replace a finished `stage` artifact with one of other inputs or settings
+    while finished artifacts of the same run were made from it: a second recipe run into the same directory
+    would otherwise swap the data under a trained model, and eval would score it on another split."""
+    manifest = artifacts.read_manifest(out)
+    if force or manifest is None or manifest.get("stage") != stage or manifest.get("fingerprint") == fingerprint:
+        return
+    users = made_from(out)
+    if users:
+        names = ", ".join(f"{p.name}/ ({(artifacts.read_manifest(p) or {}).get('stage')})" for p in users)
+        raise UserError(f"{out}: holds the {stage} artifact that {names} of this run were made from, and this "
+                        f"command would replace it with one of other inputs or settings; write it elsewhere "
+                        f"(--out, or another output.dir), or pass --force to replace it (they are then stale)")
+
+
 def local_paths(*values: str | Path | None) -> list[Path]:
     """The values that name existing local paths (model names may be hub ids)."""
     return [Path(v) for v in values if v and Path(v).exists()]

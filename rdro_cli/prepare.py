@@ -268,6 +268,7 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
         if not force and artifacts.is_done(out, fingerprint):
             console.print(f"prepare: {out} is up to date (use --force to recompute)", soft_wrap=True)
             return out
+        outputs.refuse_replacing_used(out, "prepare", fingerprint, force=force)
 
         needed = {cfg.data.train_split, cfg.data.test_split} & set(sources)
         tokenised, files = {}, {}

@@ -162,6 +162,33 @@ def _load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifes
                      ref_kl_logps=tensors.get("ref_kl_logps"), pairs=pairs, kl_max_length=int(kl_max_length))
 
 
+def _check_reference(cfg: Recipe, logprobs_dir: Path, logprobs_manifest: dict | None,
+                     policy_fingerprint: str) -> dict | None:
+    """The model the reference log-probs were computed with: {"name", "fingerprint"} (None: reference-free).
+
+    It must be the policy's initialisation (the log-ratio then starts at 0), compared by content, not by name:
+    log-probs of another model with the same tokenizer would train without a word otherwise. A different
+    reference is allowed only deliberately, by naming it as model.ref_name.
+    """
+    if logprobs_manifest is None:
+        return None
+    recorded = logprobs_manifest.get("inputs", {}).get("model")
+    name = logprobs_manifest.get("model") or "an unrecorded model"
+    deliberate = cfg.model.ref_name and cfg.model.ref_name != cfg.model.name
+    if deliberate:
+        expected = modeling.model_fingerprint(cfg.model.ref_name, revision=cfg.model.revision or None)
+        if recorded != expected:
+            raise UserError(f"{logprobs_dir}: the reference log-probs were computed by {name!r}, not by "
+                            f"model.ref_name = {cfg.model.ref_name!r}; re-run `rdro logprobs --force` "
+                            f"(it scores with model.ref_name)")
+    elif recorded != policy_fingerprint:
+        raise UserError(f"{logprobs_dir}: the reference log-probs were computed by {name!r}, another model than "
+                        f"the policy train starts from ({cfg.model.name!r}), so the log-ratio would not start at "
+                        f"0; re-run `rdro logprobs --model {cfg.model.name} --force`, or set model.ref_name = "
+                        f"{name!r} to train against that reference deliberately")
+    return {"name": cfg.model.ref_name if deliberate else name, "fingerprint": recorded}
+
+
 def _pairs(pair_id: np.ndarray, label: np.ndarray) -> np.ndarray:
     """(chosen row, rejected row) for every pair id with exactly one of each, in pair-id order (vectorised:
     a Python loop over a million rows alone took seconds)."""
@@ -521,6 +548,7 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     inputs = {"data": data_manifest["fingerprint"],
               "logprobs": logprobs_manifest["fingerprint"] if logprobs_manifest else None,
               "model": modeling.model_fingerprint(cfg.model.name, revision=cfg.model.revision or None)}
+    reference = _check_reference(cfg, logprobs_dir, logprobs_manifest, inputs["model"])
     identity = _identity(cfg, inputs, accelerator.num_processes)
     fingerprint = checkpoints.run_fingerprint(identity)
     rows = _load_rows(cfg, data_dir, logprobs_dir, logprobs_manifest, spec)
@@ -530,12 +558,14 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     steps_per_epoch, total_steps = _schedule(
         cfg, rows.units(), units_per_micro * accelerator.num_processes * cfg.train.gradient_accumulation_steps,
         data_dir)
-    checkpoint = checkpoints.open_output(out, identity, total_steps, resume=resume, force=force,
-                              is_main=accelerator.is_main_process)
-    if checkpoint == "done":
+    # every check that can refuse comes before `checkpoints.begin` changes anything in `out`
+    opening = checkpoints.open_output(out, identity, total_steps, resume=resume, force=force,
+                                      processes=accelerator.num_processes)
+    if opening.action == "done":
         if accelerator.is_main_process:
             console.print(f"train: {out} is up to date (use --force to retrain)", soft_wrap=True)
         return out
+    checkpoint = opening.checkpoint
     accelerator.wait_for_everyone()
 
     # set up: policy, optimizer, schedule
@@ -543,7 +573,7 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     tokenizer = modeling.recipe_tokenizer(cfg)
     modeling.require_tokenizer(tokenizer, data_manifest["inputs"].get("tokenizer"), model=cfg.model.name,
                                data=data_dir)
-    model = _load_policy(cfg, accelerator.device, checkpoint if isinstance(checkpoint, Path) else None)
+    model = _load_policy(cfg, accelerator.device, checkpoint)
     _check_vocab(rows, model, data_dir)
     rows.device = accelerator.device
     rows.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
@@ -569,10 +599,13 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
                       rows=rows, spec=spec, loss_kwargs=_static_loss_kwargs(cfg, alpha, preferred_fraction),
                       out=out, fingerprint=fingerprint, identity=identity, units_per_micro=units_per_micro,
                       steps_per_epoch=steps_per_epoch, total_steps=total_steps, mfu_scale=mfu_scale)
-    if isinstance(checkpoint, Path):
+    if checkpoint is not None:
         checkpoints.restore(session, checkpoint)
     if accelerator.is_main_process:
-        outputs.mark_stage(out, "train")  # first write: from here on `out` is recognisably a train run
+        if opening.note:
+            console.print(opening.note, soft_wrap=True)
+        checkpoints.begin(out, opening, is_main=True)  # the first change on disk
+        outputs.mark_stage(out, "train")  # from here on `out` is recognisably a train run
         for stale in (out / "checkpoints").glob("*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         checkpoints.truncate_metrics(out / checkpoints.METRICS_FILE, session.state.step)
@@ -591,7 +624,8 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
         tracking.finish(accelerator)
 
     # save
-    final = checkpoints.save_final(session, tokenizer, data_manifest.get("dataset") or cfg.data.dataset)
+    final = checkpoints.save_final(session, tokenizer, data_manifest.get("dataset") or cfg.data.dataset,
+                                   reference=reference)
     if accelerator.is_main_process:
         counts = {"steps": session.state.step, "steps_per_epoch": steps_per_epoch, "train_units": rows.units(),
                   "processes": accelerator.num_processes,
@@ -599,7 +633,7 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
                   * cfg.train.gradient_accumulation_steps}
         artifacts.write_manifest(out, stage="train", fingerprint=fingerprint, inputs=inputs, config=cfg.to_dict(),
                                  counts=counts, started=started, final=str(final), loss=cfg.loss.name, alpha=alpha,
-                                 lora=cfg.lora.enabled, identity=identity)
+                                 lora=cfg.lora.enabled, identity=identity, reference=reference)
         console.print(f"train: {session.state.step} steps of {cfg.loss.name} -> {final}", soft_wrap=True)
     accelerator.wait_for_everyone()
     return out

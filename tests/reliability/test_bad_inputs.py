@@ -174,6 +174,62 @@ CASES = [
 ]
 
 
+# issue 23: a finished run is never lost and artifacts of different models or datasets are never mixed. The
+# cases on `{tmp}/run` run against a copy of the finished run made by SETUPS below: each refusal must leave
+# every byte of it as it was (before, a refused --resume had deleted train/manifest.json, and --resume with no
+# checkpoint retrained from the base model over final/).
+_TRAIN_COPY = ["--data", "{tmp}/run/data", "--logprobs", "{tmp}/run/logprobs", "--model", "{llama}", "--out",
+               "{tmp}/run/train", "--set", "lora.enabled=true", "--set", "train.batch_size=4"]
+CASES += [
+    ("resume-finished-run-without-checkpoints", lambda t: ["train", *_TRAIN_COPY, "--resume", "--max-steps", "8"],
+     "holds a finished run of 2 steps but no checkpoint to continue from"),
+    ("resume-fewer-steps-than-trained", lambda t: ["train", *_TRAIN_COPY, "--resume", "--max-steps", "1"],
+     "the run has trained 2 steps, more than the 1 asked for"),
+    ("resume-damaged-last-checkpoint", lambda t: ["train", *_TRAIN_COPY, "--resume", "--max-steps", "4"],
+     "damaged"),
+    ("resume-other-settings", lambda t: ["train", *_TRAIN_COPY, "--resume", "--max-steps", "4", "--set",
+                                         "train.learning_rate=0.5"], "--resume cannot change train.learning_rate"),
+    ("train-logprobs-of-another-model", lambda t: ["train", "--data", "{run}/data", "--logprobs", "{run}/logprobs",
+                                                   "--model", "{twin}", "--out", "{tmp}/out"],
+     "the reference log-probs were computed by"),
+    ("train-ref-name-not-the-logprobs-model", lambda t: ["train", "--data", "{run}/data", "--logprobs",
+                                                         "{run}/logprobs", "--model", "{twin}", "--set",
+                                                         'model.ref_name="{wide}"', "--out", "{tmp}/out"],
+     "not by model.ref_name"),
+    ("merge-base-with-other-weights", lambda t: ["merge", "--adapter", "{run}/train/final", "--base", "{twin}",
+                                                 "--out", "{tmp}/out"], "holds other weights"),
+    ("prepare-replaces-data-of-a-trained-run", lambda t: _prepare("{other_source}", "{llama}", "--out",
+                                                                  "{tmp}/run/data"),
+     "that logprobs/ (logprobs), train/ (train) of this run were made from"),
+    ("logprobs-replaces-logprobs-of-a-trained-run", lambda t: ["logprobs", "--data", "{tmp}/run/data", "--model",
+                                                               "{twin}", "--out", "{tmp}/run/logprobs"],
+     "that train/ (train) of this run were made from"),
+]
+
+
+def _copy_run(tmp: Path, places: dict) -> Path:
+    shutil.copytree(places["run"], tmp / "run")
+    return tmp / "run"
+
+
+def _flip_last_checkpoint_byte(tmp: Path, places: dict) -> None:
+    last = sorted((_copy_run(tmp, places) / "train" / "checkpoints").iterdir())[-1]
+    weights = next((last / "model").glob("*.safetensors"))
+    content = bytearray(weights.read_bytes())
+    content[-3] ^= 0x01
+    weights.write_bytes(bytes(content))
+
+
+SETUPS = {
+    "resume-finished-run-without-checkpoints":
+        lambda t, places: shutil.rmtree(_copy_run(t, places) / "train" / "checkpoints"),
+    "resume-fewer-steps-than-trained": _copy_run,
+    "resume-damaged-last-checkpoint": _flip_last_checkpoint_byte,
+    "resume-other-settings": _copy_run,
+    "prepare-replaces-data-of-a-trained-run": _copy_run,
+    "logprobs-replaces-logprobs-of-a-trained-run": _copy_run,
+}
+
 def _dir_with(tmp: Path, name: str, *files: str) -> Path:
     path = tmp / name
     path.mkdir()
@@ -223,12 +279,14 @@ def places(tmp_path_factory, run_dir, tiny_llama, tiny_qwen2, no_template_tokeni
     metrics[len(metrics) // 2] ^= 0x01
     (damaged / "train" / "metrics.jsonl").write_bytes(bytes(metrics))
     other = root / "other-data"
+    twin = build_model(root / "twin", tokenizer, "llama", seed=1)  # the same shapes, other weights
     prepare.run(__import__("rdro_cli.recipe", fromlist=["load_recipe"]).load_recipe(
         None, [], {"data.dataset": str(write_jsonl(root / "other.jsonl", systematic_rows(20, seed=3))),
                    "model.name": str(tiny_llama)}), out=other)
     return {"llama": tiny_llama, "qwen": tiny_qwen2, "notemplate": no_template_tokenizer, "run": run_dir,
             "pickle": pickle_dir, "no_tokenizer": no_tokenizer, "wide": wide, "half": half,
-            "orphan_adapter": orphan, "other_data": other, "unfinished": unfinished, "damaged_run": damaged}
+            "orphan_adapter": orphan, "other_data": other, "unfinished": unfinished, "damaged_run": damaged,
+            "twin": twin, "other_source": root / "other.jsonl"}
 
 
 def _tree(path: Path) -> set[str]:
@@ -241,6 +299,8 @@ def test_the_table_has_at_least_55_cases():  # 39 before the output-safety cases
 
 @pytest.mark.parametrize("name,build,message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_exits_2_with_one_line(cli, tmp_path, places, name, build, message):
+    if name in SETUPS:
+        SETUPS[name](tmp_path, places)
     if name == "eval-bbh-wrong-shape":
         (tmp_path / "bbh").mkdir()
         (tmp_path / "bbh" / "date.json").write_text(json.dumps({"examples": [{"question": "?", "answer": "a"}]}))
