@@ -187,6 +187,10 @@ CASES += [
      "the run has trained 2 steps, more than the 1 asked for"),
     ("resume-damaged-last-checkpoint", lambda t: ["train", *_TRAIN_COPY, "--resume", "--max-steps", "4"],
      "damaged"),
+    # --force used to delete the run before the checks that came after it (here: the tokenizer's)
+    ("force-refused-after-the-output-check", lambda t: ["train", *_TRAIN_COPY[:4], "--model", "{qwen}",
+                                                         *_TRAIN_COPY[6:], "--set", 'model.ref_name="{llama}"',
+                                                         "--force"], "tokenised with a different tokenizer"),
     ("resume-other-settings", lambda t: ["train", *_TRAIN_COPY, "--resume", "--max-steps", "4", "--set",
                                          "train.learning_rate=0.5"], "--resume cannot change train.learning_rate"),
     ("train-logprobs-of-another-model", lambda t: ["train", "--data", "{run}/data", "--logprobs", "{run}/logprobs",
@@ -226,6 +230,7 @@ SETUPS = {
     "resume-fewer-steps-than-trained": _copy_run,
     "resume-damaged-last-checkpoint": _flip_last_checkpoint_byte,
     "resume-other-settings": _copy_run,
+    "force-refused-after-the-output-check": _copy_run,
     "prepare-replaces-data-of-a-trained-run": _copy_run,
     "logprobs-replaces-logprobs-of-a-trained-run": _copy_run,
 }
