@@ -325,18 +325,24 @@ def _training_manifest(model: Path) -> dict | None:
     return manifest if manifest and manifest.get("stage") == "train" else None
 
 
-def trained_on_other_data(model_name: str, data_fingerprint: str | None) -> str | None:
-    """A warning when the model was trained by rdro on another prepare artifact than the one eval scores
-    (whose test split may then hold its training prompts), else None."""
+def provenance_warnings(model_name: str, inputs: dict) -> list[str]:
+    """What eval should say when the model was trained by rdro on another prepare artifact than the one it
+    scores (whose test split may then hold its training prompts), or against other reference log-probs."""
     local = Path(model_name).expanduser()
-    if data_fingerprint is None or not local.is_dir():
-        return None
-    manifest = _training_manifest(local)
-    trained = (manifest or {}).get("inputs", {}).get("data")
-    if trained is None or trained == data_fingerprint:
-        return None
-    return (f"{model_name} was trained on another prepare artifact (data {trained[:12]}) than the one scored "
-            f"here ({data_fingerprint[:12]}); its test split may hold prompts the model was trained on")
+    manifest = _training_manifest(local) if local.is_dir() else None
+    if manifest is None:
+        return []
+    found = []
+    trained = manifest.get("inputs", {})
+    if inputs.get("data") and trained.get("data") and trained["data"] != inputs["data"]:
+        found.append(f"{model_name} was trained on another prepare artifact (data {trained['data'][:12]}) than "
+                     f"the one scored here ({inputs['data'][:12]}); its test split may hold prompts the model "
+                     f"was trained on")
+    if inputs.get("logprobs") and trained.get("logprobs") and trained["logprobs"] != inputs["logprobs"]:
+        found.append(f"{model_name} was trained against other reference log-probs (logprobs "
+                     f"{trained['logprobs'][:12]}) than the ones its preference log-ratios are taken against "
+                     f"here ({inputs['logprobs'][:12]})")
+    return found
 
 
 def load_eval_model(name: str, cfg: Recipe):
@@ -578,7 +584,7 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     for task in tasks:
         payloads[task], task_inputs = READERS[task](cfg, data, logprobs)
         inputs.update(task_inputs)
-    warnings = [other] if (other := trained_on_other_data(model_name, inputs.get("data"))) else []
+    warnings = provenance_warnings(model_name, inputs)
     for warning in warnings:
         _console().print(f"eval: warning: {warning}", soft_wrap=True)
     settings = {"eval": dataclasses.asdict(cfg.eval), "dtype": cfg.model.dtype, "model": model_name}

@@ -126,3 +126,18 @@ def test_eval_says_when_the_model_was_trained_on_other_data(run, tiny_llama, tmp
     assert code == 0, stderr
     assert "warning" not in stderr
     assert "warnings" not in json.loads((tmp_path / "eval-same" / "eval.json").read_text())
+
+
+def test_eval_says_when_the_preference_log_ratios_use_other_reference_log_probs(run, tiny_llama, tiny_tokenizer_dir,
+                                                                                tmp_path):
+    from transformers import AutoTokenizer
+
+    assert _train(run, tmp_path / "train", tiny_llama, "--max-steps", "2")[0] == 0
+    twin = build_model(tmp_path / "twin", AutoTokenizer.from_pretrained(tiny_tokenizer_dir), "llama", seed=1)
+    assert _cli("logprobs", "--data", run / "data", "--model", twin, "--out", tmp_path / "twin-logprobs")[0] == 0
+    code, _, stderr = _cli("eval", "--model", tmp_path / "train" / "final", "--tasks", "preference", "--data",
+                           run / "data", "--logprobs", tmp_path / "twin-logprobs", "--out", tmp_path / "eval")
+    assert code == 0, stderr
+    warnings = json.loads((tmp_path / "eval" / "eval.json").read_text())["warnings"]
+    assert len(warnings) == 1 and "was trained against other reference log-probs" in warnings[0]
+    assert "was trained against other reference log-probs" in " ".join(stderr.split())
