@@ -5,15 +5,22 @@ Each command only turns flags into a resolved recipe (recipe file < --set < expl
 
 Conventions: stdout carries only what a script captures (the artifact path a stage returns, the
 resolved TOML of `validate`, the version); everything else (progress, "wrote ...", warnings) goes to
-stderr. Every command's help ends with examples; help texts are escaped, so `[report]` in an install
-hint is printed and not taken for rich markup.
+stderr. Under `accelerate launch` / torchrun / MPI only the main process (global rank 0) writes stdout, so
+`DATA=$(accelerate launch rdro ...)` captures the path once. A stdout that cannot be written is not a
+traceback: on a full device (or any other write error) one line `error: cannot write to stdout (...)` and
+exit 2; on a pipe whose reader has gone (`rdro validate r.toml | head -0`) nothing is printed and the exit
+status is 141, what a shell reports for `cat` killed by SIGPIPE there. Ctrl-C is one line `rdro <stage>:
+interrupted` and exit 130. Every command's help ends with examples; help texts are escaped, so `[report]`
+in an install hint is printed and not taken for rich markup.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +45,14 @@ class _FlagHelp:
     def get_help_option(self, ctx):
         return _hide_bool_type(super().get_help_option(ctx))
 
+    def format_help(self, ctx, formatter):
+        try:  # typer's rich help is written to stdout right here
+            return super().format_help(ctx, formatter)
+        except OSError as err:
+            raise typer.Exit(_stdout_failed(err)) from None
+        except SystemExit:  # rich's own answer to a closed pipe (Console.on_broken_pipe): exit 1
+            raise typer.Exit(_stdout_failed(BrokenPipeError(errno.EPIPE, "Broken pipe"))) from None
+
 
 class _Command(_FlagHelp, typer.core.TyperCommand):
     pass
@@ -53,7 +68,74 @@ def _hide_bool_type(param):
     return param
 
 
-app = typer.Typer(
+def _stdout_failed(err: OSError) -> int:
+    """The exit code for a stdout that cannot be written, after saying so (on stderr) where that helps.
+
+    fd 1 is pointed at /dev/null first, so the interpreter's last flush at exit finds nowhere to fail."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    if isinstance(err, BrokenPipeError) or err.errno == errno.EPIPE:
+        return 141  # the reader is gone: quietly, as `cat` in the same place (128 + SIGPIPE)
+    from rdro_cli.progress import console
+
+    reason = err.strerror or str(err)
+    console.print(f"[bold red]error:[/] cannot write to stdout ({escape(reason)}); send it to a file or device "
+                  f"with room (or to /dev/null)", soft_wrap=True, highlight=False)
+    return 2
+
+
+def _flush_stdout() -> int | None:
+    try:
+        sys.stdout.flush()
+    except OSError as err:
+        return _stdout_failed(err)
+    return None
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a distributed launch (or not launched so). The launchers' environment decides, as accelerate's
+    PartialState does, without starting a process group; one already started has the last word."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    for key in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        with contextlib.suppress(ValueError):
+            rank = int(os.environ.get(key, "-1"))
+            if rank >= 0:
+                return rank == 0
+    return True
+
+
+def _emit(text: str, *, every_process: bool = False) -> None:
+    """What a script captures (an artifact path, the resolved TOML): printed once, by the main process."""
+    if not every_process and not _is_main_process():
+        return
+    try:
+        print(text, flush=True)
+    except OSError as err:
+        raise typer.Exit(_stdout_failed(err)) from None
+
+
+class _App(typer.Typer):
+    """`rdro` itself: a stdout that fails on the interpreter's final flush is one line too, not a traceback."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            result = super().__call__(*args, **kwargs)
+        except SystemExit as exit:
+            code = _flush_stdout()
+            if code is not None and not exit.code:
+                raise SystemExit(code) from None
+            raise
+        code = _flush_stdout()
+        if code is not None:
+            raise SystemExit(code)
+        return result
+
+
+app = _App(
     name="rdro",
     cls=_Group,
     help="Align language models with binary feedback (RDRO and baselines). "
@@ -67,7 +149,7 @@ app = typer.Typer(
 
 def _show_version(value: bool) -> None:
     if value:
-        print(f"rdro {__version__}")
+        _emit(f"rdro {__version__}", every_process=True)
         raise typer.Exit()
 
 
@@ -107,13 +189,40 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _causes(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _interrupted(stage: str) -> None:
+    from rdro_cli.progress import console
+
+    console.print(f"rdro {stage}: interrupted")
+    raise typer.Exit(130)
+
+
+def _check_paths(paths: dict[str, Any]) -> None:
+    """Path flags (--out, --data, ...) that no filesystem could hold: refused before anything is written."""
+    from rdro_cli.recipe import path_problem
+
+    for flag, value in paths.items():
+        for item in value if isinstance(value, list) else [value]:
+            problem = path_problem(item) if item is not None else None
+            if problem:
+                raise UserError(f"{flag}: {problem}")
+
+
 def _invoke(stage: str, recipe: Path | None, sets: list[str] | None, flags: dict[str, Any],
-            call: Callable[[Any, Any], Any]) -> None:
+            call: Callable[[Any, Any], Any], paths: dict[str, Any] | None = None) -> None:
     """Loads the recipe and the stage module, runs it, maps errors to exit codes."""
     from rdro_cli.recipe import load_recipe
 
     try:
         cfg = load_recipe(recipe, sets or [], flags)
+        _check_paths(paths or {})
         try:
             module = importlib.import_module(f"rdro_cli.{stage}")
         except ModuleNotFoundError as err:
@@ -126,13 +235,18 @@ def _invoke(stage: str, recipe: Path | None, sets: list[str] | None, flags: dict
     except UserError as err:
         _fail(str(err), err.exit_code)
     except KeyboardInterrupt:
-        from rdro_cli.progress import console
-
-        console.print(f"rdro {stage}: interrupted")
-        raise typer.Exit(130) from None
-    except Exception as err:  # disk full anywhere a stage did not wrap: still one line, no traceback
+        _interrupted(stage)
+    except Exception as err:  # disk full, a name too long anywhere a stage did not wrap: one line, no traceback
         from rdro_cli import diskspace
 
+        causes = list(_causes(err))
+        if any(isinstance(cause, KeyboardInterrupt) for cause in causes):
+            # raised while Ctrl-C unwound (datasets' map waits on its workers' results in a `finally`)
+            _interrupted(stage)
+        too_long = next((c for c in causes if isinstance(c, OSError) and c.errno == errno.ENAMETOOLONG), None)
+        if too_long is not None:
+            _fail(f"{too_long.filename or 'a path'}: a name in this path is longer than the filesystem allows "
+                  f"(over 255 bytes, or the path over 4095); use a shorter path", 2)
         if not diskspace.is_disk_full(err):
             raise
         _fail(diskspace.message(diskspace.path_of(err) or Path.cwd(), err, None), 2)
@@ -141,7 +255,7 @@ def _invoke(stage: str, recipe: Path | None, sets: list[str] | None, flags: dict
 
         release_locks()
     if result is not None:
-        print(result)
+        _emit(str(result))
 
 
 @_command(examples=["rdro validate recipes/tiny-cpu.toml",
@@ -164,7 +278,7 @@ def validate(
         cfg = load_recipe(recipe, sets or [])
     except UserError as err:
         _fail(str(err), err.exit_code)
-    print(cfg.to_toml())
+    _emit(cfg.to_toml())
     print(f"{recipe}: ok", file=sys.stderr)
 
 
@@ -184,7 +298,8 @@ def prepare(
                                                      "(data.max_prompt_length)."),
     test_fraction: float = typer.Option(None, help="Held-out fraction when the source has no test split "
                                                    "(data.test_fraction, default 0.05)."),
-    limit: int = typer.Option(None, help="Keep at most N rows per split (data.limit)."),
+    limit: int = typer.Option(None, help="Keep the first N source rows of each split, in file order "
+                                         "(data.limit)."),
     chat_template: str = typer.Option(None, help="Chat template file for tokenizers without one "
                                                  "(model.chat_template)."),
     force: bool = ForceOpt,
@@ -193,7 +308,7 @@ def prepare(
     flags = {"data.dataset": dataset, "model.name": model, "data.max_length": max_length,
              "data.max_prompt_length": max_prompt_length, "data.test_fraction": test_fraction,
              "data.limit": limit, "model.chat_template": chat_template}
-    _invoke("prepare", recipe, sets, flags, lambda m, cfg: m.run(cfg, out=out, force=force))
+    _invoke("prepare", recipe, sets, flags, lambda m, cfg: m.run(cfg, out=out, force=force), {"--out": out})
 
 
 @_command(examples=['rdro logprobs --recipe recipes/tiny-cpu.toml',
@@ -210,7 +325,8 @@ def logprobs(
 ) -> None:
     """Reference log-probs of every completion, once, in bulk -> <run>/logprobs."""
     flags = {"model.ref_name": model, "logprobs.max_tokens_per_batch": max_tokens_per_batch}
-    _invoke("logprobs", recipe, sets, flags, lambda m, cfg: m.run(cfg, data=data, out=out, force=force))
+    _invoke("logprobs", recipe, sets, flags, lambda m, cfg: m.run(cfg, data=data, out=out, force=force),
+            {"--data": data, "--out": out})
 
 
 @_command(examples=['rdro train --recipe recipes/tiny-cpu.toml --set train.max_steps=4',
@@ -232,7 +348,8 @@ def train(
     """Train the policy (only the policy is on the accelerator) -> <run>/train."""
     flags = {"model.name": model, "loss.name": loss, "train.max_steps": max_steps}
     _invoke("train", recipe, sets, flags,
-            lambda m, cfg: m.run(cfg, data=data, logprobs=logprobs_dir, out=out, resume=resume, force=force))
+            lambda m, cfg: m.run(cfg, data=data, logprobs=logprobs_dir, out=out, resume=resume, force=force),
+            {"--data": data, "--logprobs": logprobs_dir, "--out": out})
 
 
 @_command(examples=['rdro merge --recipe recipes/smollm2-135m-demo.toml',
@@ -247,7 +364,7 @@ def merge(
 ) -> None:
     """Fold a LoRA adapter into its base model -> a plain transformers checkpoint."""
     _invoke("merge", recipe, sets, {"model.name": base},
-            lambda m, cfg: m.run(cfg, adapter=adapter, out=out, force=force))
+            lambda m, cfg: m.run(cfg, adapter=adapter, out=out, force=force), {"--adapter": adapter, "--out": out})
 
 
 @_command("eval", examples=['rdro eval --recipe recipes/tiny-cpu.toml',
@@ -268,7 +385,8 @@ def eval_(
     """Evaluate a model: preference AUC, generations, exact match, BBH -> <run>/eval/eval.json."""
     flags = {"eval.model": model, "eval.tasks": tasks, "eval.limit": limit}
     _invoke("eval", recipe, sets, flags,
-            lambda m, cfg: m.run(cfg, data=data, logprobs=logprobs_dir, out=out, force=force))
+            lambda m, cfg: m.run(cfg, data=data, logprobs=logprobs_dir, out=out, force=force),
+            {"--data": data, "--logprobs": logprobs_dir, "--out": out})
 
 
 @_command(examples=['rdro report --recipe recipes/tiny-cpu.toml',
@@ -289,7 +407,8 @@ def report(
     with `rdro eval --model <base> --out <run>/eval-base`, or pass any eval dir as --baseline.
     """
     _invoke("report", recipe, sets, {},
-            lambda m, cfg: m.run(cfg, runs=run_dirs or None, out=out, baseline=baseline))
+            lambda m, cfg: m.run(cfg, runs=run_dirs or None, out=out, baseline=baseline),
+            {"--run": run_dirs or [], "--baseline": baseline, "--out": out})
 
 
 @_command(examples=["rdro verify runs/tiny-cpu", "rdro verify --recipe recipes/tiny-cpu.toml"])
@@ -302,7 +421,7 @@ def verify(
 
     Prints a table of stages and their status; exits 0 only if everything is intact, 1 if not.
     """
-    _invoke("verify", recipe, sets, {}, lambda m, cfg: m.run(run_dir or cfg.run_dir))
+    _invoke("verify", recipe, sets, {}, lambda m, cfg: m.run(run_dir or cfg.run_dir), {"RUN_DIR": run_dir})
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m rdro_cli`

@@ -11,6 +11,7 @@ O(chunk_size × vocab) instead of O(N × vocab).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -397,7 +398,10 @@ def resolve_chat_template(value: str) -> str:
     try:
         if path.is_file():
             return path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:  # template text too long to be a name is not a file
+            raise UserError(f"model.chat_template: cannot read {path} ({err})") from None
+    except UnicodeDecodeError as err:
         raise UserError(f"model.chat_template: cannot read {path} ({err})") from None
     except ValueError:  # a template text too long or odd to be a path
         pass

@@ -122,10 +122,14 @@ def _refusal(out: Path, stage: str, inputs: Iterable[Path]) -> str | None:
 
 
 def _check_writable(out: Path) -> None:
+    """Probes the nearest existing directory at or above `out`; creates nothing that would outlive a refusal."""
     out = Path(out)
-    target = out if out.is_dir() else out.parent
+    target = out
+    while not target.is_dir():
+        if target.exists() or target.is_symlink() or target == target.parent:  # a file on the way, or no root
+            raise UserError(f"{out}: cannot write there ({target} is not a directory); choose a writable --out")
+        target = target.parent
     try:
-        target.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=target)
         os.close(fd)
         os.unlink(probe)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +87,29 @@ def _map_progress(progress, description: str, total: int):
             arrow_dataset.hf_tqdm = original
 
 
+@contextlib.contextmanager
+def _interrupt_here_only():
+    """Ctrl-C in a terminal signals the whole process group, `Dataset.map`'s workers too: each would print a
+    KeyboardInterrupt traceback. Workers forked inside this block inherit a handler that ignores SIGINT; this
+    process raises KeyboardInterrupt as usual, the map's pool terminates the workers, and the CLI prints one
+    line. (Workers of other start methods ignore it from their first batch: `tokenising.tokenise_batch`.)"""
+    main = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() == main:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # ignored or someone else's
+        yield
+        return
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _tokenise(split, name: str, tokenizer, settings, work: Path, cfg: Recipe, progress):
     """Every row of one source split through `tokenising.tokenise_batch`, written under `work`; the split's
     tokenised rows and the Arrow files that hold them, in order.
@@ -95,7 +120,7 @@ def _tokenise(split, name: str, tokenizer, settings, work: Path, cfg: Recipe, pr
 
     dataset = split.dataset
     parts = []
-    with _map_progress(progress, f"tokenising {name}", len(dataset)):
+    with _map_progress(progress, f"tokenising {name}", len(dataset)), _interrupt_here_only():
         for k, start in enumerate(range(0, max(len(dataset), 1), CHUNK_ROWS)):
             stop = min(len(dataset), start + CHUNK_ROWS)
             part = dataset.select(range(start, stop)) if (start, stop) != (0, len(dataset)) else dataset
@@ -231,7 +256,7 @@ def _artifact_features():
 def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
     started = time.time()
     out = Path(out or cfg.run_dir / "data")
-    outputs.claim(out, "prepare", inputs=outputs.local_paths(cfg.data.dataset, cfg.model.name, cfg.model.chat_template))
+    outputs.claim(out, "prepare", inputs=outputs.local_paths(cfg.data.dataset, cfg.model.name, _template_file(cfg)))
     import datasets
 
     from rdro_cli.progress import task_progress
@@ -251,6 +276,9 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
             raise UserError(f"{cfg.data.dataset}: no rows in the {cfg.data.train_split!r} split")
         tokenizer = modeling.recipe_tokenizer(cfg)
         use_template = bool(tokenizer.chat_template)
+        template = _template_name(cfg)
+        if use_template:
+            tokenising.check_template(tokenizer, template)
         train_source = sources[cfg.data.train_split]
         head = train_source.dataset.select(range(min(100, len(train_source.dataset))))
         conversational = any(is_conversational(example) for example in tokenising.parse_batch(
@@ -277,7 +305,7 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
                 split = sources[name]
                 settings = tokenising.Settings(split.where, split.raw, cfg.data.max_length,
                                                cfg.data.max_prompt_length, use_template,
-                                               tokenising.control_texts(tokenizer))
+                                               tokenising.control_texts(tokenizer), template, os.getpid())
                 tokenised[name], files[name] = _tokenise(split, name, tokenizer, settings, work, cfg, progress)
             # checked inside the progress context: a one-line error then leaves no bar behind in a log
             train_labels = _column(tokenised[cfg.data.train_split], "label")
@@ -294,7 +322,7 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
                 selected[name] = _select(tokenised[source], rows, first_pair_id, cfg, name)
                 counts[name] = selected[name][3]
             if counts["train"]["preferred"] in (0, counts["train"]["rows"]):
-                raise UserError(f"{cfg.data.dataset}: after truncation the training split has only one label")
+                raise UserError(_one_label_left(cfg, counts["train"]))
         # int32 ids, and the texts beside them take about as much again
         need = 8 * sum(c.get("tokens", 0) for c in counts.values()) + 65536
         with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp, task_progress() as progress:
@@ -314,6 +342,43 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
             )
     _print_summary(out, counts, preferred_fraction)
     return out
+
+
+def _template_file(cfg: Recipe) -> str | None:
+    """model.chat_template when it names a file; None when it is the template's text (often longer than a file
+    name may be, so never looked up as a path) or not set."""
+    value = cfg.model.chat_template
+    return None if not value or "{{" in value or "{%" in value else value
+
+
+def _template_name(cfg: Recipe) -> str:
+    """The chat template as messages name it: its file, the recipe key holding its text, or the model's own."""
+    if not cfg.model.chat_template:
+        return f"{cfg.model.name}'s chat template"
+    file = _template_file(cfg)
+    return f"chat template {file}" if file else "the chat template in model.chat_template"
+
+
+def _one_label_left(cfg: Recipe, counts: dict) -> str:
+    """Why the kept training rows hold one label when the source's training split holds both."""
+    only = "preferred" if counts["preferred"] else "non-preferred"
+    causes, fixes = [], []
+    if cfg.data.limit:
+        causes.append(f"data.limit={cfg.data.limit} keeps the first {cfg.data.limit} source rows of each split "
+                      f"(in file order)")
+        fixes.append("raise data.limit (0 = all rows) or shuffle the file")
+    if counts["dropped_empty_completion"]:
+        causes.append(f"{counts['dropped_empty_completion']} row(s) had no completion tokens left within "
+                      f"data.max_length={cfg.data.max_length}")
+        fixes.append("raise data.max_length")
+    if counts["dropped_duplicates"]:
+        causes.append(f"{counts['dropped_duplicates']} exact duplicate row(s) were dropped (data.drop_duplicates)")
+        fixes.append("set data.drop_duplicates = false")
+    if not causes:
+        causes.append("the held-out test split took every row of the other label")
+        fixes.append("add rows of both labels, or give the source a test split of its own")
+    return (f"{cfg.data.dataset}: the training split has only {only} rows: {'; '.join(causes)}; RDRO needs both "
+            f"labels: {', or '.join(fixes)}")
 
 
 def _print_summary(out: Path, counts: dict, preferred_fraction: float) -> None:

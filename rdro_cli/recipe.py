@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -50,6 +51,10 @@ def _non_negative(v):
     return None if v >= 0 else "must be >= 0"
 
 
+def _seed(v):  # numpy's global seed (accelerate's set_seed) takes 0 .. 2**32 - 1
+    return _non_negative(v) or (None if v < 2**32 else "must be < 2**32 (4294967296)")
+
+
 def _open_unit(v):
     return None if 0 < v < 1 else "must be in (0, 1)"
 
@@ -64,6 +69,30 @@ def _auto_or_non_negative(v):
 
 def _alpha(v):
     return None if v == "auto" or 0 < v < 1 else 'must be in (0, 1) or "auto"'
+
+
+# Keys that name local paths (or hub ids): a name longer than a filesystem allows is refused here, not met as
+# an OSError deep in a stage. model.chat_template is left out: it may be the Jinja text itself.
+PATH_KEYS = ("model.name", "model.ref_name", "data.dataset", "eval.model", "eval.exact_match_file",
+             "eval.bbh_dir", "eval.bbh_fewshot_dir", "eval.generate_prompts", "output.dir")
+NAME_MAX = 255  # bytes in one file or directory name (ext4, xfs, btrfs, ...)
+PATH_MAX = 4096  # bytes in a path, its terminating NUL included (Linux)
+
+
+def path_problem(value: str | Path) -> str | None:
+    """Why `value` cannot be a path on this system (a name over NAME_MAX or a path over PATH_MAX bytes), else None."""
+    try:
+        raw = os.fsencode(value)
+    except UnicodeEncodeError:  # not a name this system could hold either: the stage says so in its own words
+        return None
+    if len(raw) >= PATH_MAX:
+        return f"the path is {len(raw)} bytes long, more than the {PATH_MAX - 1} a path may have; use a shorter one"
+    for name in raw.split(b"/"):
+        if len(name) > NAME_MAX:
+            shown = name[:24].decode("utf-8", "replace")
+            return (f"a name in this path is {len(name)} bytes long, more than the {NAME_MAX} a file or directory "
+                    f"name may have ({shown}...); use a shorter name")
+    return None
 
 
 @dataclass
@@ -83,8 +112,9 @@ class DataSection:
     max_length: int = _opt(1024, "max tokens of prompt + completion", check=lambda v: None if v >= 2 else "must be >= 2")
     max_prompt_length: int = _opt(512, "max prompt tokens (prompts keep their end)", check=_positive)
     test_fraction: float = _opt(0.05, "held-out fraction when the source has no test split", check=_open_unit)
-    seed: int = _opt(0, "seed for the test split and the fixed mismatched pairs")
-    limit: int = _opt(0, "keep at most this many rows per split (0 = all)", check=_non_negative)
+    seed: int = _opt(0, "seed for the test split and the fixed mismatched pairs", check=_non_negative)
+    limit: int = _opt(0, "keep the first N source rows of each split, in file order (a paired row is one; 0 = all)",
+                      check=_non_negative)
     train_split: str = _opt("train", "name of the training split in the source")
     test_split: str = _opt("test", "name of the held-out split in the source")
     drop_duplicates: bool = _opt(False, "drop exact duplicate rows (kept by default: repeats are legitimate "
@@ -128,7 +158,7 @@ class TrainSection:
     gradient_accumulation_steps: int = _opt(1, "micro-steps per optimizer step", check=_positive)
     epochs: int = _opt(1, "passes over the training split", check=_positive)
     max_steps: int = _opt(0, "stop after this many optimizer steps (0 = epochs decide)", check=_non_negative)
-    seed: int = _opt(42, "seed for shuffling, dropout and initialisation")
+    seed: int = _opt(42, "seed for shuffling, dropout and initialisation", check=_seed)
     lr_scheduler: str = _opt("cosine", "learning-rate schedule after warmup", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = _opt(0.1, "fraction of steps for linear warmup", check=_half_open_unit)
     weight_decay: float = _opt(0.0, "AdamW weight decay", check=_non_negative)
@@ -349,6 +379,8 @@ def load_recipe(path: str | Path | None = None, sets: list[str] | None = None,
                 error = f"{bad[0]!r} is not one of {', '.join(meta['choices'])}"
         if error is None and meta["check"]:
             error = meta["check"](value)
+        if error is None and dotted in PATH_KEYS:
+            error = path_problem(value)
         if error:
             problems.append(f"{where}: {dotted}: {error}")
             continue

@@ -42,16 +42,35 @@ def _parse_label(value, where: str) -> bool:
     raise UserError(f"{where}: label {value!r} is not boolean-like (use true/false or 1/0)")
 
 
+def _check_encodable(text: str, column: str, where: str) -> None:
+    """JSON may hold a lone UTF-16 surrogate (`"\\ud800"`): a Python str, but no text UTF-8 (a tokenizer, Arrow)
+    can hold."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UserError(f"{where}: {column} holds a lone UTF-16 surrogate ({text[err.start]!r} at character "
+                        f"{err.start}), which is not valid text; fix the row (or the tool that wrote it)") from None
+
+
+def _empty(value) -> bool:
+    return value is None or value == [] or (isinstance(value, str) and not value.strip())
+
+
 def _parse_text(value, column: str, where: str, role: str | None = None) -> list[dict] | str:
     """A plain string or a list of {role, content} messages; empty text is an error."""
     if isinstance(value, str):
         if not value.strip():
             raise UserError(f"{where}: {column} is empty")
+        _check_encodable(value, column, where)
         return value
     if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-        for message in value:
+        for k, message in enumerate(value, start=1):
             if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
                 raise UserError(f"{where}: {column} messages need string 'role' and 'content' fields")
+            for name in ("role", "content"):
+                _check_encodable(message[name], f"{column} (message {k} {name})", where)
         if not any(m["content"].strip() for m in value):
             raise UserError(f"{where}: {column} is empty")
         if role and value[-1]["role"] != role:
@@ -73,13 +92,19 @@ def _key(*parts) -> str:
 
 
 def parse_row(row, where: str, pair_id: int) -> list[Example]:
-    """One source row -> one unpaired example, or two for a paired (chosen/rejected) row."""
+    """One source row -> one unpaired example, or two for a paired (chosen/rejected) row.
+
+    A row is paired when its `chosen` or `rejected` holds something, or when it has those columns and no
+    `completion` or `label`: an export where every row has every column (CSV, parquet) leaves them empty
+    (or null) on its unpaired rows, and those rows stay unpaired."""
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected an object with prompt/completion/label, got {type(row).__name__}")
     if "prompt" not in row:
         raise UserError(f"{where}: missing column 'prompt' (found: {_columns(row)})")
     prompt = _parse_text(row["prompt"], "prompt", where)
-    if "chosen" in row or "rejected" in row:
+    pair_columns = [c for c in ("chosen", "rejected") if c in row]
+    if any(not _empty(row[c]) for c in pair_columns) or (pair_columns and "completion" not in row
+                                                          and "label" not in row):
         missing = [c for c in ("chosen", "rejected") if c not in row]
         if missing:
             raise UserError(f"{where}: paired row is missing column {missing[0]!r}")

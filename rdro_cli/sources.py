@@ -58,7 +58,13 @@ def _csv_rows(path: str):
 def _json_rows(path: str, split: str | None):
     data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     for index, row in enumerate(data[split] if split is not None else data):
-        yield {"_raw": json.dumps(row, ensure_ascii=False), "_n": index}
+        raw = json.dumps(row, ensure_ascii=False)
+        if not raw.isascii():
+            try:
+                raw.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the file): kept escaped, so Arrow holds
+                raw = json.dumps(row)  # the row and the row parser names it in one line
+        yield {"_raw": raw, "_n": index}
 
 
 def _to_arrow(generator, work: Path, path: Path, **kwargs):

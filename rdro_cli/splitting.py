@@ -17,9 +17,16 @@ def grouped_test_split(prompt_hash: np.ndarray, test_fraction: float, seed: int)
     """
     n = len(prompt_hash)
     n_test = max(1, round(n * test_fraction))
-    if n - n_test < 1:
-        raise UserError(f"dataset has only {n} row(s): too few to hold out a test split")
     groups, inverse = np.unique(prompt_hash, return_inverse=True)
+    if len(groups) < 2:  # no test_fraction helps: a whole prompt group goes to one split
+        found = "1 row" if n < 2 else "1 distinct prompt"
+        raise UserError(f"dataset has only {found}: a held-out test split needs at least 2 distinct prompts (rows "
+                        f"that share a prompt stay in one split); add rows with other prompts, or give the source "
+                        f"a test split of its own (data.test_split, e.g. a .json file of "
+                        f'{{"train": [...], "test": [...]}})')
+    if n - n_test < 1:
+        raise UserError(f"dataset has only {n} rows: test_fraction {test_fraction} leaves none for training; "
+                        f"lower data.test_fraction")
     sizes = np.bincount(inverse, minlength=len(groups))
     order = np.random.default_rng(seed).permutation(len(groups))
     taken = int(np.searchsorted(np.cumsum(sizes[order]), n_test)) + 1
@@ -27,8 +34,8 @@ def grouped_test_split(prompt_hash: np.ndarray, test_fraction: float, seed: int)
     in_test[order[:taken]] = True
     test_rows = in_test[inverse]
     if test_rows.all():
-        raise UserError(f"dataset has only {len(groups)} distinct prompt(s): too few to hold out a test split "
-                        f"without sharing a prompt with the training split; lower data.test_fraction")
+        raise UserError(f"dataset has only {len(groups)} distinct prompts: test_fraction {test_fraction} takes "
+                        f"every prompt group into the test split; lower data.test_fraction")
     return np.flatnonzero(~test_rows), np.flatnonzero(test_rows)
 
 

@@ -12,7 +12,9 @@ sums into its counts, so no count needs a second pass over the text.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from dataclasses import dataclass, replace
 
 from rdro_cli import piece_encoding
@@ -41,6 +43,8 @@ class Settings:
     max_prompt_length: int
     use_template: bool
     control_texts: tuple[str, ...] = ()
+    template: str = "the chat template"  # how errors name it (its file, or whose it is)
+    main_pid: int = 0  # the process that started the map: any other one running a batch is a worker
 
 
 def features():
@@ -65,27 +69,61 @@ def _contents(example: _rows.Example) -> list[str]:
     return [m["content"] for m in _messages(example.prompt, "user") + _messages(example.completion, "assistant")]
 
 
-def render(example: _rows.Example, tokenizer, use_template: bool) -> tuple[str, str]:
-    """(templated prompt with the generation prompt, templated full conversation)."""
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def check_template(tokenizer, template: str) -> None:
+    """A chat template that is not valid Jinja is one line naming it, before any row is read."""
+    import jinja2
+
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateSyntaxError as err:
+        raise UserError(f"{template} is not a valid Jinja template (line {err.lineno}: {_one_line(err.message)}); "
+                        f"fix it, or pass another with --chat-template FILE") from None
+    except Exception:  # a template may refuse this made-up conversation: a refusal is reported on its row
+        pass
+
+
+def render(example: _rows.Example, tokenizer, use_template: bool,
+           template: str = "the chat template") -> tuple[str, str]:
+    """(templated prompt with the generation prompt, templated full conversation). A template that raises
+    (e.g. `raise_exception('Conversation roles must alternate ...')`) is one line naming the row."""
     if use_template:
+        import jinja2
+
         prompt_msgs = _messages(example.prompt, "user")
-        prompt_text = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(prompt_msgs + _messages(example.completion, "assistant"),
-                                                  tokenize=False)
+        try:
+            prompt_text = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+            full_text = tokenizer.apply_chat_template(prompt_msgs + _messages(example.completion, "assistant"),
+                                                      tokenize=False)
+        except jinja2.TemplateError as err:
+            raise UserError(f"{example.where}: {template} raised an error on this row: "
+                            f"{_one_line(err.message or type(err).__name__)}; fix the row or the template "
+                            f"(--chat-template FILE)") from None
         return prompt_text, full_text
     return example.prompt, example.prompt + example.completion + (tokenizer.eos_token or "")
 
 
-def render_batch(examples: list[_rows.Example], tokenizer, use_template: bool) -> list[tuple[str, str]]:
+def render_batch(examples: list[_rows.Example], tokenizer, use_template: bool,
+                 template: str = "the chat template") -> list[tuple[str, str]]:
     """`render` of every example, the template applied to the whole batch in two calls (the same texts; less
-    per-call overhead in transformers)."""
+    per-call overhead in transformers); when the template raises, row by row to name the row."""
     if not use_template or not examples:
         return [render(example, tokenizer, use_template) for example in examples]
+    import jinja2
+
     prompts = [_messages(example.prompt, "user") for example in examples]
-    prompt_texts = tokenizer.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
-    full_texts = tokenizer.apply_chat_template(
-        [p + _messages(example.completion, "assistant") for p, example in zip(prompts, examples, strict=True)],
-        tokenize=False)
+    try:
+        prompt_texts = tokenizer.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
+        full_texts = tokenizer.apply_chat_template(
+            [p + _messages(example.completion, "assistant") for p, example in zip(prompts, examples, strict=True)],
+            tokenize=False)
+    except jinja2.TemplateError as err:
+        for example in examples:
+            render(example, tokenizer, use_template, template)  # raises, naming the first row it refuses
+        raise UserError(f"{template} raised an error: {_one_line(err.message or type(err).__name__)}") from None
     return list(zip(prompt_texts, full_texts, strict=True))
 
 
@@ -136,7 +174,7 @@ def _protect(example, texts, tokenizer, settings) -> tuple[list[int], list[int],
     prompt_text, full_text = texts
     if settings.use_template:
         stand_in = _with_contents(example, [_SENTINEL.format(k) for k in range(len(contents))])
-        prompt_sentinels, full_sentinels = render(stand_in, tokenizer, True)
+        prompt_sentinels, full_sentinels = render(stand_in, tokenizer, True, settings.template)
         prompt_spans = _content_spans(prompt_sentinels, contents, prompt_text)
         full_spans = _content_spans(full_sentinels, contents, full_text)
         if prompt_spans is None or full_spans is None:
@@ -172,8 +210,10 @@ def parse_batch(batch: dict, indices: list[int], settings: Settings) -> tuple[li
 def tokenise_batch(batch: dict, indices: list[int], *, tokenizer, settings: Settings, offset: int = 0) -> dict[str, list]:
     """A `Dataset.map(batched=True, with_indices=True)` function: source rows -> tokenised rows + flags.
     `offset`: the split's index of the mapped part's first row (prepare maps a split a chunk at a time)."""
+    if settings.main_pid and os.getpid() != settings.main_pid:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a worker: Ctrl-C is the main process's to handle
     examples, sources = parse_batch(batch, [offset + i for i in indices], settings)
-    texts = render_batch(examples, tokenizer, settings.use_template)
+    texts = render_batch(examples, tokenizer, settings.use_template, settings.template)
     encoder = piece_encoding.encoder(tokenizer)
     encoded = encoder([text for pair in texts for text in pair])
     prompt_ids, full_ids = encoded[0::2], encoded[1::2]

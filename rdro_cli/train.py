@@ -545,6 +545,10 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     accelerator = _make_accelerator(cfg, out)
     outputs.claim(out, "train", inputs=[data_dir, logprobs_dir, *outputs.local_paths(cfg.model.name)],
                   is_main=accelerator.is_main_process, share=outputs.broadcast_from_main(accelerator))
+    # the data's tokenizer first: log-probs of another model are usually also another tokenizer's
+    tokenizer = modeling.recipe_tokenizer(cfg)
+    modeling.require_tokenizer(tokenizer, data_manifest["inputs"].get("tokenizer"), model=cfg.model.name,
+                               data=data_dir)
     inputs = {"data": data_manifest["fingerprint"],
               "logprobs": logprobs_manifest["fingerprint"] if logprobs_manifest else None,
               "model": modeling.model_fingerprint(cfg.model.name, revision=cfg.model.revision or None)}
@@ -570,9 +574,6 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
 
     # set up: policy, optimizer, schedule
     set_seed(cfg.train.seed)
-    tokenizer = modeling.recipe_tokenizer(cfg)
-    modeling.require_tokenizer(tokenizer, data_manifest["inputs"].get("tokenizer"), model=cfg.model.name,
-                               data=data_dir)
     model = _load_policy(cfg, accelerator.device, checkpoint)
     _check_vocab(rows, model, data_dir)
     rows.device = accelerator.device

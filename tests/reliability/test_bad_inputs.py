@@ -55,6 +55,25 @@ def _prepare(source, model="{llama}", *extra):
     return ["prepare", "--dataset", source, "--model", model, "--out", "{tmp}/out", *extra]
 
 
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+# issue 23 inputs: a strict template (as many hub models ship), rows for it, a lone surrogate, a long name
+STRICT_TEMPLATE = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception("
+    "'Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{{ '<|im_start|>' + "
+    "m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHAT = [{"prompt": [{"role": "user", "content": f"q{i}"}], "completion": [{"role": "assistant", "content": "a"}],
+         "label": i % 2 == 0} for i in range(6)]
+WRONG_ORDER = {"prompt": [{"role": "assistant", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}],
+               "label": True}
+SURROGATE_ROW = '{"prompt": "a\\ud800", "completion": "b", "label": true}\n'  # valid JSON, not valid text
+LONG = "a" * 300  # a file name may have 255 bytes
+
+
 # Each case: (id, builder(tmp) -> argv with {llama}/{qwen}/{run}/{tmp} placeholders, expected message part)
 CASES = [
     ("misspelt-key", lambda t: ["validate", _recipe(t, "[loss]\nalpah = 0.5\n")], "loss.alpah: unknown key (did you mean"),
@@ -171,6 +190,42 @@ CASES = [
                                          "--out", "{tmp}/out"], "not a model directory"),
     ("prepare-model-dir-not-a-model", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", _dir_with(t, "m", "x.txt")),
      "not a model directory"),
+    # issue 23: user errors that were tracebacks or misleading
+    ("template-raises-on-a-row", lambda t: _prepare(write_jsonl(t / "d.jsonl", [*CHAT, WRONG_ORDER]), "{llama}",
+                                                    "--chat-template", _file(t, "strict.jinja", STRICT_TEMPLATE)),
+     "{tmp}/d.jsonl:7: chat template {tmp}/strict.jinja raised an error on this row: Conversation roles must "
+     "alternate user/assistant/user/assistant/..."),
+    ("template-syntax-error", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{llama}", "--chat-template",
+                                                 _file(t, "bad.jinja", "{% for m in messages %}{{ m.content }\n")),
+     "chat template {tmp}/bad.jinja is not a valid Jinja template (line 1: unexpected '}')"),
+    ("lone-surrogate-jsonl", lambda t: _prepare(_file(t, "d.jsonl", _jsonl(GOOD) + SURROGATE_ROW)),
+     "{tmp}/d.jsonl:7: prompt holds a lone UTF-16 surrogate"),
+    ("lone-surrogate-json", lambda t: _prepare(_file(t, "d.json", "[" + ", ".join([*map(json.dumps, GOOD),
+                                                                                    SURROGATE_ROW]) + "]")),
+     "{tmp}/d.json[6]: prompt holds a lone UTF-16 surrogate"),
+    ("negative-train-seed", lambda t: ["validate", _recipe(t, "[train]\nseed = -1\n")], "train.seed: must be >= 0"),
+    ("negative-data-seed", lambda t: [*_prepare(FIXTURES / "mix14k_sample.jsonl"), "--set", "data.seed=-3"],
+     "data.seed: must be >= 0"),
+    ("long-name-in-output-dir", lambda t: ["validate", _recipe(t, f'[output]\ndir = "runs/{LONG}/x"\n')],
+     "output.dir: a name in this path is 300 bytes long"),
+    ("long-name-in-out", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{llama}", "--out",
+                                            t / "x" / LONG / "data"), "--out: a name in this path is 300 bytes long"),
+    ("path-longer-than-path-max", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", "{llama}", "--out",
+                                                     t.joinpath(*["b" * 200] * 25)), "--out: the path is "),
+    ("long-name-in-dataset", lambda t: _prepare(t / f"{LONG}.jsonl"), "data.dataset: a name in this path is 306 bytes"),
+    ("long-name-in-model", lambda t: _prepare(FIXTURES / "mix14k_sample.jsonl", t / LONG),
+     "model.name: a name in this path is 300 bytes long"),
+    ("long-name-in-data", lambda t: ["logprobs", "--data", t / LONG, "--model", "{llama}", "--out", "{tmp}/out"],
+     "--data: a name in this path is 300 bytes long"),
+    ("limit-leaves-one-label", lambda t: _prepare(write_jsonl(t / "d.jsonl", [
+        {"prompt": f"p{i}", "completion": "y", "label": i < 10} for i in range(20)]), "{llama}", "--limit", "2"),
+     "the training split has only preferred rows: data.limit=2 keeps the first 2 source rows of each split"),
+    ("single-prompt-no-split", lambda t: _prepare(write_jsonl(t / "d.jsonl", GOOD)),
+     "dataset has only 1 distinct prompt: a held-out test split needs at least 2"),
+    ("unpaired-row-with-empty-chosen", lambda t: _prepare(write_jsonl(t / "d.jsonl", [
+        *({**row, "chosen": "", "rejected": None} for row in GOOD),
+        {"prompt": "a", "completion": "b", "label": "maybe", "chosen": "", "rejected": None}])),
+     "{tmp}/d.jsonl:7: label 'maybe' is not boolean-like"),
 ]
 
 
@@ -298,8 +353,8 @@ def _tree(path: Path) -> set[str]:
     return {str(p.relative_to(path)) for p in path.rglob("*")}
 
 
-def test_the_table_has_at_least_55_cases():  # 39 before the output-safety cases
-    assert len(CASES) >= 55 and len({c[0] for c in CASES}) == len(CASES)
+def test_the_table_has_at_least_82_cases():  # 39 before the output-safety cases, 57 before issue 23
+    assert len(CASES) >= 82 and len({c[0] for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("name,build,message", CASES, ids=[c[0] for c in CASES])
