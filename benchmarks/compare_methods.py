@@ -251,7 +251,7 @@ def run_dir(workdir: Path, method: str, lr: float, seed: int) -> Path:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    from rdro_cli.report import read_metrics as report_read_metrics
+    from rdro_cli.reporting.runs import read_metrics as report_read_metrics
 
     return report_read_metrics(path) if path.is_file() else []
 
@@ -446,9 +446,9 @@ def plot(summary: dict, results: list[dict], workdir: Path, *, base_lr: float, h
          base: dict | None, path: Path, title: str) -> Path:
     """Accuracy bars (mean, sd error bars, one dot per seed) and the high-lr max log-ratio and gradient-norm
     curves overlaid, drawn with rdro report's helpers (Agg canvas, smoothing, atomic save)."""
-    from rdro_cli import report
+    from rdro_cli.reporting import numbers, plots
 
-    figure_cls, canvas_cls = report._matplotlib()
+    figure_cls, canvas_cls = plots.load_matplotlib()
     figure = figure_cls(figsize=(13, 4.6))
     bars, ratio_ax, norm_ax = figure.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1, 1]})
     methods = list(summary)
@@ -481,10 +481,10 @@ def plot(summary: dict, results: list[dict], workdir: Path, *, base_lr: float, h
         for ax, key in ((ratio_ax, "logratio_max"), (norm_ax, "grad_norm")):
             if key == "logratio_max" and METHODS[method][0] == "pmle":
                 continue  # reference-free: its logged value is s_pol, not a log-ratio
-            xs, vals = report._series(rows, key)
+            xs, vals = numbers.series(rows, key)
             if xs:
                 ax.plot(xs, vals, color=colours[method], linewidth=0.7, alpha=0.25)
-                ax.plot(xs, report.ema(vals, report.smoothing_weight(len(vals))), color=colours[method],
+                ax.plot(xs, numbers.ema(vals, numbers.smoothing_weight(len(vals))), color=colours[method],
                         linewidth=1.6, label=method)
     ratio_ax.set_title(f"max log-ratio at lr {_g(high_lr)}", fontsize=10)
     norm_ax.set_title(f"gradient norm (before clipping) at lr {_g(high_lr)}", fontsize=10)
@@ -496,7 +496,7 @@ def plot(summary: dict, results: list[dict], workdir: Path, *, base_lr: float, h
             ax.legend(fontsize=6, ncol=2)
     figure.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    report._save(figure, canvas_cls, path)
+    plots._save(figure, canvas_cls, path)
     return path
 
 

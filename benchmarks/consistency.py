@@ -49,20 +49,11 @@ import torch
 
 # run as a script from a checkout without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rdro_cli.losses import (  # noqa: E402
-    bco_loss,
-    bco_update_delta,
-    ddro_loss,
-    dpo_loss,
-    kldo_loss,
-    kldo_update_ema,
-    kto_loss,
-    kto_ref_point,
-    pro_loss,
-    rdro_loss,
-    resolve_alpha,
-)
-from rdro_cli.losses_pairs import BPO_DIVERGENCES, bpo_loss, pmle_loss  # noqa: E402
+from rdro_cli.losses.density_ratio import ddro_loss, rdro_loss, resolve_alpha
+from rdro_cli.losses.kldo import kldo_loss, kldo_update_ema
+from rdro_cli.losses.kto_bco import bco_loss, bco_update_delta, kto_loss, kto_ref_point
+from rdro_cli.losses.pairwise import BPO_DIVERGENCES, bpo_loss, dpo_loss, pmle_loss  # noqa: E402
+from rdro_cli.losses.pro import pro_loss
 
 NEW_METHODS = ("pro", "kldo", *(f"bpo-{d}" for d in BPO_DIVERGENCES), "pmle")  # issue 14
 METHODS = ("rdro-balanced", "rdro-batch", "ddro", "kto", "bco", "dpo", *NEW_METHODS, "sft+")

@@ -137,19 +137,19 @@ def enumeration_ids(tokenizer, prompts, completion_index, completions) -> list[l
 
 def enumeration(tokenizer, completions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every (prompt, completion + eos) sequence, prompt-major, collated as the CLI collates rows."""
-    from rdro_cli import modeling
+    from rdro_cli.lm import batching
 
     grid = torch.arange(len(completions))
     rows = enumeration_ids(tokenizer, torch.arange(PROMPTS).repeat_interleave(len(grid)), grid.repeat(PROMPTS),
                            completions)
-    return modeling.collate(rows, [1] * len(rows), tokenizer.pad_token_id)
+    return batching.collate(rows, [1] * len(rows), tokenizer.pad_token_id)
 
 
 def sequence_logps(model, batch) -> torch.Tensor:
     """[prompts, completions] log pi(y, eos | x) with the CLI's own completion log-prob code."""
-    from rdro_cli import modeling
+    from rdro_cli.lm import completion_head
 
-    return modeling.completion_logps(model, *batch).double().reshape(PROMPTS, -1)
+    return completion_head.completion_logps(model, *batch).double().reshape(PROMPTS, -1)
 
 
 def fit_reference(model, batch, target_logp: torch.Tensor, *, steps: int, lr: float) -> float:
@@ -280,9 +280,9 @@ def with_sets(args: list, sets: list[str]) -> list:
 def score_model(model_dir: Path, study: Study) -> dict:
     """Exact TV to p+ of a model's renormalised distribution, its leftover mass, its final max row log-ratio,
     and the pi_ref mass of completions whose log-ratio ends above log(1/alpha) (RDRO's optimum has none)."""
-    from rdro_cli import modeling
+    from rdro_cli.lm import loading
 
-    model = modeling.load_model(model_dir, dtype="float32")
+    model = loading.load_model(model_dir, dtype="float32")
     with torch.no_grad():
         logp = sequence_logps(model, study.batch)
     mass = logp.exp().sum(-1)

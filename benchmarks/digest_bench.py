@@ -5,8 +5,8 @@ Contenders, each over the same file of `--mib` MiB of random bytes, read in 8 Mi
 - ``read``: reading the blocks and hashing nothing: the floor any digest pays (the file is in the page
   cache after it is written, so this is memory bandwidth, the case where the hash is most visible);
 - ``sha256``: hashlib's sha256 (OpenSSL), what `artifacts.hash_file_cached` uses for model fingerprints;
-- ``xxh3_128``: `integrity.digest_file`, what manifests record;
-- ``cached``: `integrity.digest_cached` on a file it has seen: a stat and a dict look-up.
+- ``xxh3_128``: `digests.digest_file`, what manifests record;
+- ``cached``: `digests.digest_cached` on a file it has seen: a stat and a dict look-up.
 
 Each contender runs `--repeats` times, alternating; the table shows the median seconds, MiB/s and the
 ratio against sha256 measured in the same run. The last stdout line is one JSON object with every figure.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rdro_cli import integrity  # noqa: E402
+from rdro_cli.store import digests  # noqa: E402
 
 
 def _read(path: Path) -> None:
@@ -39,11 +39,11 @@ def _read(path: Path) -> None:
 
 
 def _sha256(path: Path) -> str:
-    return integrity.digest_file(path, "sha256")
+    return digests.digest_file(path, "sha256")
 
 
-CONTENDERS = {"read": _read, "sha256": _sha256, "xxh3_128": integrity.digest_file,
-              "cached": integrity.digest_cached}
+CONTENDERS = {"read": _read, "sha256": _sha256, "xxh3_128": digests.digest_file,
+              "cached": digests.digest_cached}
 
 
 def main() -> None:
@@ -60,8 +60,8 @@ def main() -> None:
         with open(path, "wb") as handle:
             for _ in range(args.mib):
                 handle.write(os.urandom(1 << 20))
-        assert integrity.digest_file(path, "sha256") == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-        integrity.digest_cached(path)  # warm the cache for the `cached` contender
+        assert digests.digest_file(path, "sha256") == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        digests.digest_cached(path)  # warm the cache for the `cached` contender
         times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
         for _ in range(args.repeats):
             for name, fn in CONTENDERS.items():

@@ -4,7 +4,7 @@ Contenders, each scoring every row's completion log-prob sum ``s = Σ_t log π(y
 
 - ``stage``: exactly what ``rdro logprobs`` runs per shard, ``rdro_cli.logprobs._score``: length-sorted
   token-budget batches (``logprobs.max_tokens_per_batch``), inference mode, the transformer body, then the
-  LM head only at completion positions in chunks of ``logprobs.chunk_size`` (``modeling.completion_logps``).
+  LM head only at completion positions in chunks of ``logprobs.chunk_size`` (``completion_head.completion_logps``).
 - ``naive``: rows in random order, fixed batches of ``--naive-batch-rows`` rows padded to the longest row,
   a full HF forward producing ``[batch, seq, vocab]`` logits, float32 log_softmax over the whole vocabulary
   at every position, gather, mask to completion tokens, sum.
@@ -21,7 +21,7 @@ memory is its own: ``ru_maxrss`` on CPU, ``torch.cuda.max_memory_allocated`` on 
 speed and memory. tokens/s counts prompt + completion tokens, never padding.
 
 The model is built from a config with random weights (seeded) and saved as safetensors in a temp dir, then
-loaded by ``rdro_cli.modeling.load_model`` like the stage does; rows are random token ids with a
+loaded by ``rdro_cli.lm.loading.load_model`` like the stage does; rows are random token ids with a
 mix14k-like prompt/completion length mix built in memory (no ``datasets`` needed).
 
     .venv/bin/python benchmarks/logprobs_bench.py                 # CPU: Llama h256 L4 vocab 32000, fp32
@@ -120,7 +120,8 @@ def useful_flops(shape: dict, lengths: list[int], completion_tokens: int) -> flo
 
 def run_stage(model, rows, args, device):
     """rdro_cli.logprobs._score: the stage's own code path, with the recipe's batching and chunk settings."""
-    from rdro_cli import logprobs, modeling
+    from rdro_cli import logprobs
+    from rdro_cli.lm import batching
     from rdro_cli.recipe import Recipe
 
     cfg = Recipe()
@@ -128,7 +129,7 @@ def run_stage(model, rows, args, device):
     cfg.logprobs.chunk_size = args.chunk_size
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     sequences = [(ids, start) for ids, start, _ in rows]
-    batches = modeling.token_budget_batches([len(ids) for ids, _ in sequences], args.max_tokens_per_batch)
+    batches = batching.token_budget_batches([len(ids) for ids, _ in sequences], args.max_tokens_per_batch)
     padded = sum(len(b) * max(len(sequences[i][0]) for i in b) for b in batches)
     scores = logprobs._score(model, sequences, cfg, pad_id, device, lambda n_rows, n_tokens: None)
     return scores, len(batches), padded
@@ -172,7 +173,7 @@ def contender_main(args) -> None:
 
     import torch
 
-    from rdro_cli import modeling
+    from rdro_cli.lm import loading
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,7 +181,7 @@ def contender_main(args) -> None:
     cuda = device.type == "cuda"
     vocab = ARCHS[args.arch]["vocab_size"]
     rows = make_rows(args.rows, vocab, args.max_length, args.seed)
-    model = modeling.load_model(str(args.model_dir), dtype=args.dtype, device=device)
+    model = loading.load_model(str(args.model_dir), dtype=args.dtype, device=device)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

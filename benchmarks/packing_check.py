@@ -3,9 +3,9 @@
 One config-only model (``bench_env.ARCHS``, random seeded weights), one micro-batch of ``--rows`` rows with the
 kto-mix-14k-like length mix. Three ways to compute the same per-row completion log-probs and their gradient:
 
-- ``padded``: one forward padded to the longest row (``modeling.collate`` + ``completion_logps``);
-- ``groups``: the length groups training uses (``modeling.length_groups`` at ``--group-cost``);
-- ``packed``: one row without padding (``modeling.pack`` + ``packed_completion_logps``), whose attention is
+- ``padded``: one forward padded to the longest row (``batching.collate`` + ``completion_logps``);
+- ``groups``: the length groups training uses (``batching.length_groups`` at ``--group-cost``);
+- ``packed``: one row without padding (``batching.pack`` + ``packed_completion_logps``), whose attention is
   per row through the restarting ``position_ids`` (flash-attention varlen if the model loads with it, else
   a block-diagonal mask).
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rdro_cli import modeling
+    from rdro_cli.lm import batching, completion_head, fast_paths
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     spec = dict(ARCHS[args.arch])
@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     def run(way: str):
         if way == "packed":
-            packed = modeling.pack(rows, starts, 0).to(device)
-            return modeling.packed_completion_logps(model, packed)
+            packed = batching.pack(rows, starts, 0).to(device)
+            return completion_head.packed_completion_logps(model, packed)
         lengths = [len(r) for r in rows]
         cost = 1e9 if way == "padded" else args.group_cost
-        groups = modeling.length_groups(lengths, max_tokens=10**9, group_cost=cost)
-        parts = [modeling.completion_logps(model, *(t.to(device) for t in
-                                                    modeling.collate([rows[i] for i in g], [starts[i] for i in g], 0)))
+        groups = batching.length_groups(lengths, max_tokens=10**9, group_cost=cost)
+        parts = [completion_head.completion_logps(model, *(t.to(device) for t in
+                                                    batching.collate([rows[i] for i in g], [starts[i] for i in g], 0)))
                  for g in groups]
         order = torch.tensor([i for g in groups for i in g], device=device)
         out = torch.empty(len(rows), device=device)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ref = results["padded"]
     summary = {"check": "packing", "arch": args.arch, "device": torch.cuda.get_device_name() if device.type == "cuda"
-               else "cpu", "dtype": args.dtype, "attn_implementation": modeling.attention_implementation(model),
+               else "cpu", "dtype": args.dtype, "attn_implementation": fast_paths.attention_implementation(model),
                "rows": args.rows, "tokens": sum(len(r) for r in rows),
                "padded_tokens": len(rows) * max(len(r) for r in rows)}
     for way in ("groups", "packed"):

@@ -161,27 +161,27 @@ def contender_startup(stage: str, data: Path, logprobs: Path, model: Path, out: 
     baseline = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)  # the model's own footprint
     model_rss = psutil.Process().memory_info().rss / 2**20
     del baseline
-    from rdro_cli import modeling
-    from rdro_cli import train as train_stage
     from rdro_cli.cli import app
+    from rdro_cli.lm import completion_head
+    from rdro_cli.training import loop as train_loop_module
 
     if stage == "logprobs":
-        original = modeling.completion_logps
+        original = completion_head.completion_logps
 
         def first_batch(*args, **kwargs):
             original(*args, **kwargs)
             raise _FirstStep
 
-        modeling.completion_logps = first_batch
+        completion_head.completion_logps = first_batch
         argv = ["logprobs", "--data", str(data), "--model", str(model), "--out", str(out)]
     else:
-        original = train_stage._optimizer_step
+        original = train_loop_module._optimizer_step
 
         def first_step(*args, **kwargs):
             original(*args, **kwargs)
             raise _FirstStep
 
-        train_stage._optimizer_step = first_step
+        train_loop_module._optimizer_step = first_step
         argv = ["train", "--data", str(data), "--logprobs", str(logprobs), "--model", str(model), "--out", str(out),
                 "--set", "train.batch_size=8"]
     try:

@@ -283,6 +283,7 @@ def contender_a(args, setup: dict, lora: bool = False) -> dict:
 
     from rdro_cli import train
     from rdro_cli.recipe import load_recipe
+    from rdro_cli.training import loop as train_loop_module
 
     work = Path(args.work)
     cuda = args.device.startswith("cuda")
@@ -291,7 +292,7 @@ def contender_a(args, setup: dict, lora: bool = False) -> dict:
         sets.append("train.gradient_checkpointing=true")
     cfg = load_recipe(work / "recipe.toml", sets)
     times, tokens, marks, cpu_times = [], [], {}, []
-    original_step, original_loop = train._optimizer_step, train._train_loop
+    original_step, original_loop = train_loop_module._optimizer_step, train_loop_module.train_loop
 
     def timed_step(session, units):  # the loop looks this name up per step
         _sync(cuda)
@@ -309,7 +310,7 @@ def contender_a(args, setup: dict, lora: bool = False) -> dict:
         marks["loop_end"] = time.perf_counter()
         return result
 
-    train._optimizer_step, train._train_loop = timed_step, marked_loop
+    train_loop_module._optimizer_step, train_loop_module.train_loop = timed_step, marked_loop
     began = time.perf_counter()
     out = train.run(cfg, out=work / f"train-a-{os.getpid()}", force=True)
     finished = time.perf_counter()
@@ -687,7 +688,7 @@ def mfu_main(args) -> dict:
     if not peak:  # the product's own table (rdro_cli.throughput), H100 SXM's 989e12 if the GPU is unknown
         import torch
 
-        from rdro_cli import throughput
+        from rdro_cli.lm import throughput
 
         name = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
         peak = throughput.peak_flops(name) or 989e12

@@ -237,7 +237,7 @@ def _invoke(stage: str, recipe: Path | None, sets: list[str] | None, flags: dict
     except KeyboardInterrupt:
         _interrupted(stage)
     except Exception as err:  # disk full, a name too long anywhere a stage did not wrap: one line, no traceback
-        from rdro_cli import diskspace
+        from rdro_cli.store import diskspace
 
         causes = list(_causes(err))
         if any(isinstance(cause, KeyboardInterrupt) for cause in causes):
@@ -251,7 +251,7 @@ def _invoke(stage: str, recipe: Path | None, sets: list[str] | None, flags: dict
             raise
         _fail(diskspace.message(diskspace.path_of(err) or Path.cwd(), err, None), 2)
     finally:
-        from rdro_cli.artifacts import release_locks
+        from rdro_cli.store.locks import release_locks
 
         release_locks()
     if result is not None:

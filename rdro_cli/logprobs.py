@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rdro_cli import artifacts, diskspace, integrity, modeling, outputs
 from rdro_cli.errors import UserError
+from rdro_cli.lm import batching, completion_head, fingerprints, loading
 from rdro_cli.progress import console
 from rdro_cli.recipe import Recipe
+from rdro_cli.store import digests, diskspace, durable, integrity, manifests, outputs
 
 LOSSES_NEEDING_KL = {"kto"}
 
@@ -46,7 +47,7 @@ def _shard_sequences(split, rows: range, with_kl: bool, max_length: int) -> list
         partners = split.select(shard["kl_partner"])
         partner_ids, partner_starts = partners["input_ids"], partners["completion_start"]
         for k in range(len(ids)):
-            sequences.append(modeling.mismatched_ids(ids[k][: starts[k]], partner_ids[k][partner_starts[k]:],
+            sequences.append(batching.mismatched_ids(ids[k][: starts[k]], partner_ids[k][partner_starts[k]:],
                                                      max_length))
     return sequences
 
@@ -56,10 +57,10 @@ def _score(model, sequences, cfg: Recipe, pad_id: int, device, on_batch) -> torc
     """Completion log-prob sums of `sequences`, batched by token budget over length-sorted rows."""
     scores = torch.empty(len(sequences), dtype=torch.float32)
     lengths = [len(ids) for ids, _ in sequences]
-    for batch in modeling.token_budget_batches(lengths, cfg.logprobs.max_tokens_per_batch):
-        input_ids, attention_mask, completion_mask = modeling.collate(
+    for batch in batching.token_budget_batches(lengths, cfg.logprobs.max_tokens_per_batch):
+        input_ids, attention_mask, completion_mask = batching.collate(
             [sequences[i][0] for i in batch], [sequences[i][1] for i in batch], pad_id)
-        logps = modeling.completion_logps(model, input_ids.to(device), attention_mask.to(device),
+        logps = completion_head.completion_logps(model, input_ids.to(device), attention_mask.to(device),
                                           completion_mask.to(device), chunk_size=cfg.logprobs.chunk_size)
         scores[batch] = logps.float().cpu()
         on_batch(len(batch), sum(lengths[i] for i in batch))
@@ -92,7 +93,7 @@ def _create_partial(partial: Path, fingerprint: str) -> None:
                         f"move them away or choose another --out")
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "shards").mkdir(parents=True)
-    artifacts.write_text_atomic(partial / "plan.json", json.dumps({"fingerprint": fingerprint}))
+    durable.write_text_atomic(partial / "plan.json", json.dumps({"fingerprint": fingerprint}))
 
 
 def _require_finite(name: str, tensors: dict, dtype: str) -> None:
@@ -108,7 +109,7 @@ def _require_finite(name: str, tensors: dict, dtype: str) -> None:
 
 def _assemble(partial: Path, plan, splits: dict, with_kl: bool, out: Path, **manifest) -> None:
     need = sum(len(split) * 4 * (2 if with_kl else 1) + 1024 for split in splits.values())
-    with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp:
+    with diskspace.writing(out, need), durable.atomic_dir(out) as tmp:
         for name, split in splits.items():
             parts = [load_file(partial / "shards" / f"{name}-{k:05d}.safetensors") for s, k, _ in plan if s == name]
             tensors = {"ref_logps": torch.cat([p["ref_logps"] for p in parts]).contiguous()}
@@ -117,7 +118,7 @@ def _assemble(partial: Path, plan, splits: dict, with_kl: bool, out: Path, **man
             assert tensors["ref_logps"].shape[0] == len(split)
             _require_finite(name, tensors, manifest["config"]["model"]["dtype"])
             save_file(tensors, str(tmp / f"{name}.safetensors"))
-        artifacts.write_manifest(tmp, stage="logprobs", **manifest)
+        manifests.write_manifest(tmp, stage="logprobs", **manifest)
     shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -133,19 +134,19 @@ def run(cfg: Recipe, *, data: Path | None = None, out: Path | None = None, force
     model_name = cfg.model.ref_name or cfg.model.name
     outputs.claim(out, "logprobs", inputs=[data, *outputs.local_paths(model_name)], is_main=state.is_main_process,
                   share=outputs.broadcast_from_main(state))
-    data_manifest = artifacts.require_input(data, "prepare", rerun="rdro prepare")
+    data_manifest = manifests.require_input(data, "prepare", rerun="rdro prepare")
     if not model_name:
         raise UserError("no reference model: pass --model or set model.ref_name / model.name")
-    tokenizer = modeling.load_tokenizer(model_name, revision=cfg.model.revision or None,
+    tokenizer = loading.load_tokenizer(model_name, revision=cfg.model.revision or None,
                                         trust_remote_code=cfg.model.trust_remote_code)
-    modeling.require_tokenizer(tokenizer, data_manifest["inputs"].get("tokenizer"), model=model_name, data=data)
+    fingerprints.require_tokenizer(tokenizer, data_manifest["inputs"].get("tokenizer"), model=model_name, data=data)
     with_kl = cfg.loss.name in LOSSES_NEEDING_KL
     inputs = {"data": data_manifest["fingerprint"],
-              "model": modeling.model_fingerprint(model_name, revision=cfg.model.revision or None)}
+              "model": fingerprints.model_fingerprint(model_name, revision=cfg.model.revision or None)}
     settings = {"dtype": cfg.model.dtype, "kl": with_kl, "max_tokens_per_batch": cfg.logprobs.max_tokens_per_batch,
                 "shard_rows": cfg.logprobs.shard_rows, "max_length": cfg.data.max_length}
-    fingerprint = artifacts.fingerprint_json({"inputs": inputs, "settings": settings})
-    if not force and artifacts.is_done(out, fingerprint):
+    fingerprint = digests.fingerprint_json({"inputs": inputs, "settings": settings})
+    if not force and manifests.is_done(out, fingerprint):
         if state.is_main_process:
             console.print(f"logprobs: {out} is up to date (use --force to recompute)", soft_wrap=True)
         return out
@@ -159,7 +160,7 @@ def run(cfg: Recipe, *, data: Path | None = None, out: Path | None = None, force
     todo = [(name, k, rows) for name, k, rows in mine
             if not (reuse and (partial / "shards" / f"{name}-{k:05d}.safetensors").is_file())]
     # Load before creating the work dir, so a model that cannot load leaves nothing behind.
-    model = modeling.load_model(model_name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+    model = loading.load_model(model_name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                                 allow_pickle=cfg.model.allow_pickle, device=state.device,
                                 revision=cfg.model.revision or None) if todo else None
     state.wait_for_everyone()
@@ -196,7 +197,7 @@ def run(cfg: Recipe, *, data: Path | None = None, out: Path | None = None, force
                 tmp = shard.with_name(f".{shard.name}.tmp")
                 with diskspace.writing(shard, sum(t.numel() * 4 for t in tensors.values()) + 1024):
                     save_file(tensors, str(tmp))
-                artifacts.publish_file(tmp, shard)  # a shard exists only when complete, and durably
+                durable.publish_file(tmp, shard)  # a shard exists only when complete, and durably
         del model
     state.wait_for_everyone()
     if state.is_main_process:

@@ -14,11 +14,12 @@ import shutil
 import time
 from pathlib import Path
 
-from rdro_cli import artifacts, diskspace, model_card, outputs
 from rdro_cli.errors import UserError
-from rdro_cli.modeling import ADAPTER_CONFIG, TOKENIZER_FILES
-from rdro_cli.peft_compat import building_peft_model
+from rdro_cli.lm import fingerprints, loading
+from rdro_cli.lm.loading import ADAPTER_CONFIG, TOKENIZER_FILES
+from rdro_cli.lm.peft_compat import building_peft_model
 from rdro_cli.recipe import Recipe
+from rdro_cli.store import digests, diskspace, durable, manifests, model_card, outputs
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -143,7 +144,7 @@ def recorded_base(adapter: Path) -> tuple[str | None, str | None]:
             block = {}
         if block.get("base_model_fingerprint"):
             return block.get("base_model"), block["base_model_fingerprint"]
-    manifest = artifacts.read_manifest(adapter.parent) if adapter.name == "final" else None
+    manifest = manifests.read_manifest(adapter.parent) if adapter.name == "final" else None
     if manifest and manifest.get("stage") == "train" and manifest.get("inputs", {}).get("model"):
         return manifest.get("config", {}).get("model", {}).get("name"), manifest["inputs"]["model"]
     return None, None
@@ -168,7 +169,7 @@ def _merge_dtype(cfg: Recipe, config) -> str:
 
 
 def _save_tokenizer(adapter: Path, base: str, tmp: Path, cfg: Recipe) -> None:
-    from rdro_cli.modeling import load_tokenizer
+    from rdro_cli.lm.loading import load_tokenizer
 
     # The adapter dir's tokenizer wins: training may have set a chat template or a pad token.
     source = adapter if any((adapter / f).is_file() for f in TOKENIZER_FILES) else base
@@ -182,7 +183,7 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
     out = Path(out or cfg.run_dir / "merged")
     if not adapter.is_dir():
         raise UserError(f"{adapter}: adapter directory does not exist; run `rdro train` first or pass --adapter")
-    artifacts.require_finished_model(adapter)
+    manifests.require_finished_model(adapter)
     if not (adapter / ADAPTER_CONFIG).is_file():
         if (adapter / "config.json").is_file():
             _console().print(f"merge: {adapter} is already a full model (no {ADAPTER_CONFIG}); "
@@ -191,7 +192,6 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
         raise UserError(f"{adapter}: neither a LoRA adapter ({ADAPTER_CONFIG}) nor a model (config.json)")
     outputs.claim(out, "merge", inputs=[adapter, *outputs.local_paths(cfg.model.name)])
 
-    from rdro_cli import modeling
 
     adapter_config = read_adapter_config(adapter)
     base = cfg.model.name or adapter_config.get("base_model_name_or_path") or ""
@@ -199,13 +199,13 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
         raise UserError(f"{adapter}: the adapter does not record its base model; pass --base")
     check_adapter_fits(adapter, adapter_config, base, cfg)
 
-    inputs = {"adapter": modeling.model_fingerprint(adapter),
-              "base": modeling.model_fingerprint(base, revision=cfg.model.revision or None)}
+    inputs = {"adapter": fingerprints.model_fingerprint(adapter),
+              "base": fingerprints.model_fingerprint(base, revision=cfg.model.revision or None)}
     _check_recorded_base(adapter, base, inputs["base"])
     base_config = _base_config(base, cfg)
     dtype = _merge_dtype(cfg, base_config)
-    fingerprint = artifacts.fingerprint_json({"inputs": inputs, "dtype": dtype})
-    if not force and artifacts.is_done(out, fingerprint):
+    fingerprint = digests.fingerprint_json({"inputs": inputs, "dtype": dtype})
+    if not force and manifests.is_done(out, fingerprint):
         _console().print(f"merge: {out} is up to date (use --force to recompute)", soft_wrap=True)
         return out
 
@@ -214,7 +214,7 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
     from rdro_cli.progress import status
 
     with status(f"merge: folding {adapter} into {base} ({dtype})"):
-        model = modeling.load_model(base, dtype=dtype, device="cpu", revision=cfg.model.revision or None,
+        model = loading.load_model(base, dtype=dtype, device="cpu", revision=cfg.model.revision or None,
                                     trust_remote_code=cfg.model.trust_remote_code,
                                     allow_pickle=cfg.model.allow_pickle)
         with building_peft_model():
@@ -225,7 +225,7 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
         # the merged weights, plus the tokenizer and provenance files copied next to them
         need = sum(p.numel() * p.element_size() for p in merged.parameters()) + diskspace.tree_size(
             adapter, skip_suffixes=(".safetensors", ".bin"))
-        with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp:
+        with diskspace.writing(out, need), durable.atomic_dir(out) as tmp:
             merged.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
             if merged.generation_config is not None and not (tmp / "generation_config.json").is_file():
                 merged.generation_config.save_pretrained(tmp)
@@ -238,7 +238,7 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
             model_card.write(tmp, model_card.merged_metadata(adapter, base), name=out.resolve().parent.name,
                              eval_tasks=model_card.eval_results_for(inputs["adapter"],
                                                                     [d / "eval" for d in run_dirs]))
-            artifacts.write_manifest(
+            manifests.write_manifest(
                 tmp, stage="merge", fingerprint=fingerprint, inputs=inputs, config=cfg.to_dict(),
                 counts={"lora_modules": merged_modules, "parameters": n_params}, started=started,
                 adapter=str(adapter), base_model=base, dtype=dtype,

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from rdro_cli import artifacts, dataset_files, diskspace, modeling, outputs, splitting, tokenising
+from rdro_cli.dataprep import dataset_files, splitting, tokenising
+from rdro_cli.dataprep.rows import is_conversational, parse_row  # noqa: F401  (parse_row: prepare's row rules)
+from rdro_cli.dataprep.sources import read_source
 from rdro_cli.errors import UserError
+from rdro_cli.lm import fingerprints, loading
 from rdro_cli.progress import console
 from rdro_cli.recipe import Recipe
-from rdro_cli.rows import is_conversational, parse_row  # noqa: F401  (parse_row: prepare's row rules)
-from rdro_cli.sources import read_source
+from rdro_cli.store import digests, diskspace, durable, manifests, outputs
 
 COUNTED = ("boundary_mismatch", "truncated_prompt", "truncated_completion")
 BATCH_ROWS = 1000  # source rows per map batch (and per worker progress update)
@@ -274,7 +276,7 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
                             f"set data.train_split")
         if not len(sources[cfg.data.train_split].dataset):
             raise UserError(f"{cfg.data.dataset}: no rows in the {cfg.data.train_split!r} split")
-        tokenizer = modeling.recipe_tokenizer(cfg)
+        tokenizer = loading.recipe_tokenizer(cfg)
         use_template = bool(tokenizer.chat_template)
         template = _template_name(cfg)
         if use_template:
@@ -286,14 +288,14 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
         if conversational and not use_template:
             raise UserError(f"{cfg.model.name}: tokenizer has no chat template for conversational data; "
                             f"supply one with --chat-template FILE (model.chat_template)")
-        template_fp = artifacts.fingerprint_json(tokenizer.chat_template or "")
-        inputs = {"dataset": source_fp, "tokenizer": modeling.tokenizer_fingerprint(tokenizer),
+        template_fp = digests.fingerprint_json(tokenizer.chat_template or "")
+        inputs = {"dataset": source_fp, "tokenizer": fingerprints.tokenizer_fingerprint(tokenizer),
                   "chat_template": template_fp}
         data_config = {k: getattr(cfg.data, k) for k in ("max_length", "max_prompt_length", "test_fraction", "seed",
                                                           "limit", "train_split", "test_split", "drop_duplicates")}
         data_config["test_split_by"] = "prompt"
-        fingerprint = artifacts.fingerprint_json({"inputs": inputs, "config": data_config})
-        if not force and artifacts.is_done(out, fingerprint):
+        fingerprint = digests.fingerprint_json({"inputs": inputs, "config": data_config})
+        if not force and manifests.is_done(out, fingerprint):
             console.print(f"prepare: {out} is up to date (use --force to recompute)", soft_wrap=True)
             return out
         outputs.refuse_replacing_used(out, "prepare", fingerprint, force=force)
@@ -325,7 +327,7 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
                 raise UserError(_one_label_left(cfg, counts["train"]))
         # int32 ids, and the texts beside them take about as much again
         need = 8 * sum(c.get("tokens", 0) for c in counts.values()) + 65536
-        with diskspace.writing(out, need), artifacts.atomic_dir(out) as tmp, task_progress() as progress:
+        with diskspace.writing(out, need), durable.atomic_dir(out) as tmp, task_progress() as progress:
             features = _artifact_features()
             for name in picked:
                 source = picked[name][0]
@@ -334,7 +336,7 @@ def run(cfg: Recipe, *, out: Path | None = None, force: bool = False) -> Path:
                 dataset_files.write_split(tmp / name, features, batches, f"{fingerprint[:16]}-{name}")
             dataset_files.write_dict_index(tmp, list(picked))
             preferred_fraction = counts["train"]["preferred"] / counts["train"]["rows"]
-            artifacts.write_manifest(
+            manifests.write_manifest(
                 tmp, stage="prepare", fingerprint=fingerprint, inputs=inputs, config=cfg.to_dict(),
                 counts=counts, started=started, preferred_fraction=preferred_fraction,
                 paired=any(c["pairs"] for c in counts.values()), tokenizer=cfg.model.name,

@@ -21,8 +21,8 @@ import re
 import sys
 from pathlib import Path
 
-from rdro_cli import integrity
 from rdro_cli.errors import UserError
+from rdro_cli.store import integrity
 
 STAGE_DIRS = ("data", "logprobs", "train", "merged", "eval")  # a missing manifest here means "incomplete"
 TEMPORARY = re.compile(r"\.(tmp-[^/]*|partial|old-\d+)$")

@@ -12,9 +12,12 @@ import torch
 from conftest import FIXTURES, systematic_rows, write_jsonl
 from safetensors.torch import load_file, save_file
 
-from rdro_cli import artifacts, integrity, modeling, prepare
-from rdro_cli import eval as eval_stage
+from rdro_cli import prepare
+from rdro_cli.evaluation import models as eval_models
+from rdro_cli.evaluation import scoring
+from rdro_cli.lm import batching, completion_head, fingerprints, generation, loading
 from rdro_cli.recipe import load_recipe
+from rdro_cli.store import digests, integrity, manifests
 
 SMALL = ["--set", "eval.max_new_tokens=6", "--set", "eval.batch_size=4"]
 FP32 = ["--set", "model.dtype=float32"]  # on a GPU "auto" would mean bfloat16 against float32 references
@@ -32,7 +35,7 @@ def prepare_run(run: Path, source: Path, model: Path) -> Path:
 
 def write_ref_logprobs(data_dir: Path, model_dir: Path, out: Path) -> Path:
     data = datasets.load_from_disk(str(data_dir))
-    model = modeling.load_model(model_dir, dtype="float32")
+    model = loading.load_model(model_dir, dtype="float32")
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in data.items():
         ids, starts = rows["input_ids"], rows["completion_start"]
@@ -40,12 +43,12 @@ def write_ref_logprobs(data_dir: Path, model_dir: Path, out: Path) -> Path:
         with torch.no_grad():
             for start in range(0, len(ids), 8):
                 batch = list(range(start, min(start + 8, len(ids))))
-                tensors = modeling.collate([ids[i] for i in batch], [starts[i] for i in batch], 0)
-                logps[batch] = modeling.completion_logps(model, *tensors)
+                tensors = batching.collate([ids[i] for i in batch], [starts[i] for i in batch], 0)
+                logps[batch] = completion_head.completion_logps(model, *tensors)
         save_file({"ref_logps": logps}, str(out / f"{split}.safetensors"))
-    data_fp = artifacts.read_manifest(data_dir)["fingerprint"]
-    inputs = {"data": data_fp, "model": modeling.model_fingerprint(model_dir)}
-    artifacts.write_manifest(out, stage="logprobs", fingerprint=artifacts.fingerprint_json(inputs), inputs=inputs,
+    data_fp = manifests.read_manifest(data_dir)["fingerprint"]
+    inputs = {"data": data_fp, "model": fingerprints.model_fingerprint(model_dir)}
+    manifests.write_manifest(out, stage="logprobs", fingerprint=digests.fingerprint_json(inputs), inputs=inputs,
                              config={}, counts={}, started=time.time())
     return out
 
@@ -86,12 +89,12 @@ def one_line_error(code: int, stderr: str) -> bool:
 
 
 def test_auc_hand_worked():
-    assert eval_stage.auc([3, 2, 1, 0], [1, 1, 0, 0]) == 1.0
-    assert eval_stage.auc([0, 1, 2, 3], [1, 1, 0, 0]) == 0.0
-    assert eval_stage.auc([1, 1, 1], [1, 0, 0]) == 0.5
+    assert scoring.auc([3, 2, 1, 0], [1, 1, 0, 0]) == 1.0
+    assert scoring.auc([0, 1, 2, 3], [1, 1, 0, 0]) == 0.0
+    assert scoring.auc([1, 1, 1], [1, 0, 0]) == 0.5
     # preferred 0.5, 2.0 against non-preferred 1.0, 0.5, 0.0: (0 + 0.5 + 1) + 3 = 4.5 of 6 comparisons
-    assert eval_stage.auc([0.5, 1.0, 2.0, 0.5, 0.0], [1, 0, 1, 0, 0]) == pytest.approx(0.75)
-    assert eval_stage.auc([1.0, 2.0], [1, 1]) is None
+    assert scoring.auc([0.5, 1.0, 2.0, 0.5, 0.0], [1, 0, 1, 0, 0]) == pytest.approx(0.75)
+    assert scoring.auc([1.0, 2.0], [1, 1]) is None
 
 
 def test_auc_matches_pairwise_count_with_ties():
@@ -99,28 +102,28 @@ def test_auc_matches_pairwise_count_with_ties():
     scores, labels = rng.integers(0, 5, 60).astype(float), rng.random(60) < 0.4
     pos, neg = scores[labels], scores[~labels]
     brute = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg])
-    assert eval_stage.auc(scores, labels) == pytest.approx(brute, abs=1e-12)
+    assert scoring.auc(scores, labels) == pytest.approx(brute, abs=1e-12)
 
 
 def test_pair_accuracy_and_metrics_hand_worked():
     logratios = [1.0, -1.0, 0.0, 0.5, 2.0, 2.0, 3.0]
     labels = [True, False, True, False, True, False, True]
     pair_ids = [0, 0, 1, 1, 2, 2, -1]  # pair 0 won, pair 1 lost, pair 2 tied; the unpaired row is ignored
-    assert eval_stage.pair_accuracy(logratios, labels, pair_ids) == (0.5, 3)
-    assert eval_stage.pair_accuracy([1.0, 2.0], [True, False], [-1, -1]) == (None, 0)
-    metrics = eval_stage.preference_metrics(logratios, labels, pair_ids)
+    assert scoring.pair_accuracy(logratios, labels, pair_ids) == (0.5, 3)
+    assert scoring.pair_accuracy([1.0, 2.0], [True, False], [-1, -1]) == (None, 0)
+    metrics = scoring.preference_metrics(logratios, labels, pair_ids)
     assert metrics["mean_logratio_preferred"] == pytest.approx(1.5)
     assert metrics["mean_logratio_non_preferred"] == pytest.approx(0.5)
-    reference = eval_stage.preference_metrics(np.zeros(7), labels, pair_ids)
+    reference = scoring.preference_metrics(np.zeros(7), labels, pair_ids)
     assert reference == {"mean_logratio_preferred": 0.0, "mean_logratio_non_preferred": 0.0, "auc": 0.5,
                          "pair_accuracy": 0.5, "pairs": 3}
 
 
 def test_answer_extraction():
-    assert eval_stage.extract_answer("  42 \n", "") == "42"
-    assert eval_stage.extract_answer("The sum is -12, I think 7", r"-?\d+") == "-12"
-    assert eval_stage.extract_answer("Answer: 9.", r"Answer:\s*(\d+)") == "9"
-    assert eval_stage.extract_answer("no digits", r"-?\d+") is None
+    assert scoring.extract_answer("  42 \n", "") == "42"
+    assert scoring.extract_answer("The sum is -12, I think 7", r"-?\d+") == "-12"
+    assert scoring.extract_answer("Answer: 9.", r"Answer:\s*(\d+)") == "9"
+    assert scoring.extract_answer("no digits", r"-?\d+") is None
 
 
 @pytest.mark.parametrize("output, target, correct", [
@@ -135,7 +138,7 @@ def test_answer_extraction():
     ("It is True", "True", False),
 ])
 def test_bbh_scoring(output, target, correct):
-    assert eval_stage.bbh_correct(output, target)[1] is correct
+    assert scoring.bbh_correct(output, target)[1] is correct
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,11 +254,11 @@ def test_generate_writes_alpacaeval_outputs(cli, tmp_path, run_dir, tiny_llama):
 
 def test_generation_is_greedy_and_batch_independent(tiny_llama):
     cfg = load_recipe(None, ["eval.max_new_tokens=5", "eval.batch_size=1", "model.dtype=float32"])
-    model, tokenizer = eval_stage.load_eval_model(str(tiny_llama), cfg)
-    prompts = [eval_stage.chat_prompt(tokenizer, p) for p in ["What is a cat?", "yes", "why is the sea good?"]]
-    one_by_one = eval_stage.generate(model, tokenizer, prompts, cfg, "test")
+    model, tokenizer = eval_models.load_eval_model(str(tiny_llama), cfg)
+    prompts = [generation.chat_prompt(tokenizer, p) for p in ["What is a cat?", "yes", "why is the sea good?"]]
+    one_by_one = generation.generate(model, tokenizer, prompts, cfg, "test")
     cfg.eval.batch_size = 3  # left padding must not change greedy outputs
-    assert eval_stage.generate(model, tokenizer, prompts, cfg, "test") == one_by_one
+    assert generation.generate(model, tokenizer, prompts, cfg, "test") == one_by_one
     assert all(isinstance(o, str) for o in one_by_one)
 
 
@@ -278,7 +281,7 @@ def test_exact_match_counts_and_accuracy(cli, tmp_path, tiny_llama, monkeypatch)
     result = read_results(out)["tasks"]["exact_match"]
     assert result["accuracy"] == sum(r["correct"] for r in records) / 5 and records[1]["answer"] == "8"
 
-    monkeypatch.setattr(eval_stage, "generate", fake_generate({
+    monkeypatch.setattr(generation, "generate", fake_generate({
         "2 + 3": "5", "7 + 1": "It is 8.", "4 + 4": "8", "9 + 0": "the answer: 9", "6 + 5": "12"}))
     code, _, stderr = cli(*args, "--set", "eval.answer_pattern=-?\\d+")
     assert code == 0, stderr
@@ -312,7 +315,7 @@ def test_bbh_per_task_and_mean_accuracy(cli, tmp_path, tiny_llama, monkeypatch):
         seen.extend(prompts)
         return fake(model, tokenizer, prompts, cfg, description, greedy=greedy)
 
-    monkeypatch.setattr(eval_stage, "generate", recording)
+    monkeypatch.setattr(generation, "generate", recording)
     code, _, stderr = cli(*args)
     assert code == 0, stderr
     result = read_results(out)["tasks"]["bbh"]

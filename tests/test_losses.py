@@ -7,17 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from rdro_cli.losses import (
-    LOSSES,
-    bco_loss,
-    bco_update_delta,
-    ddro_loss,
-    dpo_loss,
-    kto_loss,
-    kto_ref_point,
-    rdro_loss,
-    resolve_alpha,
-)
+from rdro_cli.losses.density_ratio import ddro_loss, rdro_loss, resolve_alpha
+from rdro_cli.losses.kto_bco import bco_loss, bco_update_delta, kto_loss, kto_ref_point
+from rdro_cli.losses.pairwise import dpo_loss
+from rdro_cli.losses.registry import LOSSES
 
 LOG2 = math.log(2.0)
 
@@ -345,8 +338,9 @@ def test_float32_inputs_keep_their_dtype():
 
 # ================================================================ issue 14: pro, kldo, bpo, pmle
 
-from rdro_cli.losses import kldo_loss, kldo_update_ema, pro_loss  # noqa: E402
-from rdro_cli.losses_pairs import BPO_DIVERGENCES, bpo_loss, pmle_loss  # noqa: E402
+from rdro_cli.losses.kldo import kldo_loss, kldo_update_ema  # noqa: E402
+from rdro_cli.losses.pairwise import BPO_DIVERGENCES, bpo_loss, pmle_loss  # noqa: E402
+from rdro_cli.losses.pro import pro_loss  # noqa: E402
 
 
 def _grad(fn, *inputs):

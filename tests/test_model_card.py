@@ -9,8 +9,8 @@ import pytest
 from conftest import systematic_rows, write_jsonl
 from huggingface_hub import ModelCard
 
-from rdro_cli import model_card
 from rdro_cli.recipe import load_recipe
+from rdro_cli.store import model_card
 
 HUB_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -131,8 +131,8 @@ def test_merging_a_foreign_adapter_says_what_is_known(cli, tmp_path, tiny_llama)
 
 
 def test_every_loss_has_card_metadata_naming_real_recipe_keys():
-    from rdro_cli import model_card
     from rdro_cli.recipe import LOSS_NAMES, LossSection
+    from rdro_cli.store import model_card
 
     assert set(model_card.LOSS_KEYS) == set(LOSS_NAMES) == set(model_card.METHOD_NAMES)
     for keys in model_card.LOSS_KEYS.values():

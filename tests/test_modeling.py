@@ -22,16 +22,13 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-from rdro_cli import artifacts, modeling  # noqa: E402
 from rdro_cli.errors import UserError  # noqa: E402
-from rdro_cli.modeling import (  # noqa: E402
-    collate,
-    completion_logps,
-    load_model,
-    mismatched_ids,
-    model_fingerprint,
-    token_budget_batches,
-)
+from rdro_cli.lm import batching, completion_head, fast_paths, loading
+from rdro_cli.lm.batching import collate, mismatched_ids, token_budget_batches
+from rdro_cli.lm.completion_head import completion_logps
+from rdro_cli.lm.fingerprints import model_fingerprint
+from rdro_cli.lm.loading import load_model
+from rdro_cli.store import digests  # noqa: E402
 
 VOCAB = 300
 SMALL = dict(
@@ -163,14 +160,14 @@ def test_head_sees_at_most_chunk_size_rows(model_dirs, monkeypatch):
     n_tokens = int(batch[2][:, 1:].sum())
     completion_logps(model, *batch, chunk_size=4)  # first call runs the one-off 16-token head check
     calls = []
-    real = modeling._chunk_logits
+    real = completion_head._chunk_logits
 
     def spy(hidden_chunk, weight, bias):
         calls.append(hidden_chunk.shape)
         return real(hidden_chunk, weight, bias)
 
     head_inputs = []
-    monkeypatch.setattr(modeling, "_chunk_logits", spy)
+    monkeypatch.setattr(completion_head, "_chunk_logits", spy)
     hook = model.lm_head.register_forward_hook(lambda mod, args, out: head_inputs.append(args[0].shape))
     try:
         completion_logps(model, *batch, chunk_size=4).sum().backward()
@@ -204,7 +201,7 @@ def test_completion_logps_module_wrapper(model_dirs):
     batch = _batch()
     with torch.no_grad():
         torch.testing.assert_close(
-            modeling.CompletionLogps(model, chunk_size=5)(*batch),
+            completion_head.CompletionLogps(model, chunk_size=5)(*batch),
             completion_logps(model, *batch),
             atol=1e-5,
             rtol=1e-6,
@@ -222,7 +219,7 @@ def test_completion_mask_at_position_zero_is_rejected(model_dirs):
 def test_unsupported_logit_transform_is_refused(model_dirs, monkeypatch):
     """An architecture scaling its logits in a way we do not know of is refused, not silently wrong."""
     model = load_model(model_dirs["granite"], dtype="float32")
-    monkeypatch.setattr(modeling, "_logit_transform", lambda causal_lm: (1.0, None))
+    monkeypatch.setattr(completion_head, "_logit_transform", lambda causal_lm: (1.0, None))
     with pytest.raises(UserError, match="not supported yet"):
         completion_logps(model, *_batch())
 
@@ -267,11 +264,11 @@ def test_model_fingerprint_stable_changes_and_cached(model_dirs, tmp_path, monke
     model_dir = tmp_path / "m"
     shutil.copytree(model_dirs["llama"], model_dir)
     calls = []
-    real = artifacts._hash_file
-    monkeypatch.setattr(artifacts, "_hash_file", lambda p: calls.append(p) or real(p))
+    real = digests.digest_file
+    monkeypatch.setattr(digests, "digest_file", lambda p, a=digests.ALGORITHM: calls.append(p) or real(p, a))
 
     first = model_fingerprint(model_dir)
-    assert len(calls) == 1 and (tmp_path / "cache" / "file_hashes.json").is_file()
+    assert len(calls) == 1 and (tmp_path / "cache" / "file_digests.json").is_file()
     assert model_fingerprint(str(model_dir)) == first
     assert len(calls) == 1  # second call served from the cache
 
@@ -316,16 +313,16 @@ def test_load_model_dtypes_and_errors(model_dirs, tmp_path):
     with pytest.raises(UserError, match="local directory"):
         model_fingerprint("no-such-org/no-such-model")
     with pytest.raises(UserError, match="local directory"):
-        modeling.load_tokenizer("no-such-org/no-such-model")
+        loading.load_tokenizer("no-such-org/no-such-model")
     with pytest.raises(UserError, match="does not exist"):
-        modeling.load_tokenizer(tmp_path / "missing" / "dir")
+        loading.load_tokenizer(tmp_path / "missing" / "dir")
 
 
 def test_length_groups_are_the_cheapest_contiguous_split_of_sorted_rows():
     import itertools
     import random
 
-    from rdro_cli.modeling import length_groups
+    from rdro_cli.lm.batching import length_groups
 
     rng = random.Random(0)
     for _ in range(50):
@@ -363,29 +360,29 @@ def test_length_groups_are_the_cheapest_contiguous_split_of_sorted_rows():
 
 
 def test_pack_builds_positions_boundaries_and_row_index():
-    packed = modeling.pack([[5, 6, 7], [8, 9], [1, 2, 3, 4]], [1, 1, 2], pad_id=0)
+    packed = batching.pack([[5, 6, 7], [8, 9], [1, 2, 3, 4]], [1, 1, 2], pad_id=0)
     assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
     assert packed.completion_mask.tolist() == [[False, True, True, False, True, False, False, True, True]]
     assert packed.row_index.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
     assert packed.cu_seqlens.tolist() == [0, 3, 5, 9] and packed.cu_seqlens.dtype == torch.int32
     assert (packed.rows, packed.tokens) == (3, 9)
-    assert int(modeling.batch_tokens(packed)) == 9
+    assert int(batching.batch_tokens(packed)) == 9
     # bucketed: a padding segment of its own (positions from 0, row index = rows, never a completion)
-    bucketed = modeling.pack([[5, 6, 7], [8, 9], [1, 2, 3, 4]], [1, 1, 2], pad_id=0, bucket=True)
+    bucketed = batching.pack([[5, 6, 7], [8, 9], [1, 2, 3, 4]], [1, 1, 2], pad_id=0, bucket=True)
     assert bucketed.input_ids.shape == (1, 16) and bucketed.input_ids[0, 9:].tolist() == [0] * 7
     assert bucketed.position_ids[0, 9:].tolist() == list(range(7))
     assert bucketed.row_index[9:].tolist() == [3] * 7 and not bucketed.completion_mask[0, 9:].any()
     assert bucketed.cu_seqlens.tolist() == [0, 3, 5, 9, 16] and bucketed.tokens == 9
     with pytest.raises(ValueError, match="completion_start"):
-        modeling.pack([[1, 2]], [2], pad_id=0)
+        batching.pack([[1, 2]], [2], pad_id=0)
 
 
 def test_bucket_lengths():
-    assert [modeling.bucket_length(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 100, 1000, 1025)] == \
+    assert [batching.bucket_length(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 100, 1000, 1025)] == \
         [16, 16, 24, 24, 32, 48, 48, 64, 128, 1024, 1536]
-    sizes = {modeling.bucket_length(n) for n in range(1, 8193)}
-    assert len(sizes) == 19 and all(modeling.bucket_length(n) < 1.5 * n + 16 for n in range(1, 8193))
+    sizes = {batching.bucket_length(n) for n in range(1, 8193)}
+    assert len(sizes) == 19 and all(batching.bucket_length(n) < 1.5 * n + 16 for n in range(1, 8193))
     ids, mask, completion = collate([[1, 2, 3], [4, 5]], [1, 1], pad_id=0, bucket=True)
     assert ids.shape == (2, 16) and mask.sum() == 5 and completion.sum() == 3
 
@@ -404,50 +401,50 @@ def test_packed_logps_and_gradients_equal_the_padded_path(model_dirs, kind, buck
     model = load_model(model_dirs[kind], dtype="float32")
     rows, starts = _packed_rows(seed=3)
     padded = collate(rows, starts, pad_id=0)
-    packed = modeling.pack(rows, starts, pad_id=0, bucket=bucket)
+    packed = batching.pack(rows, starts, pad_id=0, bucket=bucket)
     assert packed.input_ids.shape[1] == (64 if bucket else sum(len(r) for r in rows))
     weights = torch.randn(5, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         expected = completion_logps(model, *padded, chunk_size=3)
-        got = modeling.packed_completion_logps(model, packed, chunk_size=3)
+        got = completion_head.packed_completion_logps(model, packed, chunk_size=3)
     assert expected.abs().min() > 1.0
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-6)
     grads_padded = _grads(model, _chunked(3), padded, weights)
     model.zero_grad(set_to_none=True)
-    (modeling.packed_completion_logps(model, packed, chunk_size=3) * weights).sum().backward()
+    (completion_head.packed_completion_logps(model, packed, chunk_size=3) * weights).sum().backward()
     grads_packed = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert grads_packed.keys() == grads_padded.keys()
     for name in grads_padded:
         torch.testing.assert_close(grads_packed[name], grads_padded[name], atol=1e-5, rtol=1e-4, msg=name)
     # the wrapper takes a PackedBatch as its one argument (one forward call, as DDP/FSDP need)
     with torch.no_grad():
-        torch.testing.assert_close(modeling.CompletionLogps(model, chunk_size=3)(packed), expected, atol=1e-5,
+        torch.testing.assert_close(completion_head.CompletionLogps(model, chunk_size=3)(packed), expected, atol=1e-5,
                                    rtol=1e-6)
 
 
 def test_packing_selection(model_dirs, monkeypatch):
     model = load_model(model_dirs["llama"], dtype="float32")
-    assert modeling.attention_implementation(model) == "sdpa"
-    assert modeling.use_packing("auto", model) is False  # sdpa's mask would be dense: keep length groups
-    assert modeling.use_packing("on", model) is True
-    assert modeling.use_packing("off", model) is False
+    assert fast_paths.attention_implementation(model) == "sdpa"
+    assert fast_paths.use_packing("auto", model) is False  # sdpa's mask would be dense: keep length groups
+    assert fast_paths.use_packing("on", model) is True
+    assert fast_paths.use_packing("off", model) is False
     monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
-    assert modeling.use_packing("auto", model) is True  # varlen kernels: packing is free
-    monkeypatch.setattr(modeling, "packing_supported", lambda: False)  # an older transformers
-    assert modeling.use_packing("auto", model) is False
+    assert fast_paths.use_packing("auto", model) is True  # varlen kernels: packing is free
+    monkeypatch.setattr(fast_paths, "packing_supported", lambda: False)  # an older transformers
+    assert fast_paths.use_packing("auto", model) is False
     with pytest.raises(UserError, match="train.packing = on needs"):
-        modeling.use_packing("on", model)
+        fast_paths.use_packing("on", model)
 
 
 def test_packing_that_mixes_rows_is_refused(model_dirs, monkeypatch):
     """An architecture whose attention ignores the restarting position_ids would let rows see each other."""
     model = load_model(model_dirs["llama"], dtype="float32")
     rows, starts = _packed_rows()
-    real = modeling._last_hidden_state
+    real = completion_head._last_hidden_state
 
     def ignores_positions(body, input_ids, attention_mask, position_ids=None):
         return real(body, input_ids, attention_mask)  # one causal sequence over all rows
 
-    monkeypatch.setattr(modeling, "_last_hidden_state", ignores_positions)
+    monkeypatch.setattr(completion_head, "_last_hidden_state", ignores_positions)
     with pytest.raises(UserError, match="set train.packing = off"):
-        modeling.packed_completion_logps(model, modeling.pack(rows, starts, pad_id=0))
+        completion_head.packed_completion_logps(model, batching.pack(rows, starts, pad_id=0))

@@ -6,7 +6,7 @@ import json
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from rdro_cli import piece_encoding
+from rdro_cli.dataprep import piece_encoding
 
 TEXTS = [
     "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n",

@@ -431,7 +431,7 @@ def test_bad_row_met_inside_a_worker_is_one_line_and_nothing_is_written(cli, tmp
 def test_kl_partners_equal_the_per_row_loop():
     import numpy as np
 
-    from rdro_cli import splitting
+    from rdro_cli.dataprep import splitting
 
     def loop(keys, seed):  # the previous implementation
         n = len(keys)
@@ -455,7 +455,7 @@ def test_kl_partners_equal_the_per_row_loop():
 def test_grouped_split_by_hand():
     import numpy as np
 
-    from rdro_cli import splitting
+    from rdro_cli.dataprep import splitting
 
     # prompts: A A B C C C D  (7 rows); 0.3 * 7 = 2.1 -> at least 2 test rows, whole groups only
     keys = np.array([1, 1, 2, 3, 3, 3, 4])
@@ -521,14 +521,14 @@ def test_missing_chat_template_file_is_a_one_line_error(cli, tmp_path, tiny_llam
                                 "--chat-template", tmp_path / "missing" / "file.jinja")
     assert code == 2 and "file.jinja" in stderr and "neither an existing file nor Jinja" in stderr
     assert len(stderr.strip().splitlines()) == 1 and not out.exists()
-    from rdro_cli import modeling
+    from rdro_cli.lm import loading
 
-    assert modeling.resolve_chat_template("{{ messages }}") == "{{ messages }}"
+    assert loading.resolve_chat_template("{{ messages }}") == "{{ messages }}"
     (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    assert modeling.resolve_chat_template(str(tmp_path / "t.jinja")).startswith("{% for")
+    assert loading.resolve_chat_template(str(tmp_path / "t.jinja")).startswith("{% for")
     cfg = load_recipe(None, [], {"model.name": str(tiny_llama), "model.chat_template": "templates/chatml.jinja"})
     with pytest.raises(prepare.UserError, match="neither an existing file"):
-        modeling.recipe_tokenizer(cfg)
+        loading.recipe_tokenizer(cfg)
 
 
 @pytest.mark.parametrize("template", ["chatml", "none"])
@@ -558,7 +558,8 @@ def test_control_token_text_in_content_is_tokenised_as_plain_text(cli, tmp_path,
 def test_train_pairs_vectorised_equal_the_per_row_loop():
     import numpy as np
 
-    from rdro_cli import train
+    from rdro_cli.training import inputs as train_inputs
+
 
     def loop(pair_id, label):  # the previous implementation
         found = {}
@@ -571,8 +572,8 @@ def test_train_pairs_vectorised_equal_the_per_row_loop():
     for n in (0, 1, 7, 500):
         pair_id = rng.integers(-1, max(1, n // 3), size=n)
         label = rng.random(n) < 0.5
-        assert train._pairs(pair_id, label).tolist() == [list(p) for p in loop(pair_id, label)]
-    assert train._pairs(np.array([3, 3, -1, 1, 1]), np.array([False, True, True, True, False])).tolist() == \
+        assert train_inputs.pair_rows(pair_id, label).tolist() == [list(p) for p in loop(pair_id, label)]
+    assert train_inputs.pair_rows(np.array([3, 3, -1, 1, 1]), np.array([False, True, True, True, False])).tolist() == \
         [[3, 4], [1, 0]]
 
 

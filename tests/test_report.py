@@ -10,8 +10,11 @@ import pytest
 from conftest import FIXTURES, systematic_rows, write_jsonl
 from safetensors.numpy import save_file
 
-from rdro_cli import metrics, report
+from rdro_cli import report
 from rdro_cli.errors import UserError
+from rdro_cli.evaluation import scoring
+from rdro_cli.reporting import numbers, plots
+from rdro_cli.reporting import runs as run_data
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CURVES = ["loss", "learning_rate", "grad_norm", "logratio", "logratio_max", "tokens_per_s"]
@@ -104,20 +107,20 @@ def test_every_plot_from_a_real_run_is_a_png(runs):
         assert metric in markdown
     assert "| rdro-run (rdro) | before |" in markdown  # eval-base is the before column
     rows = [json.loads(line) for line in (a / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert report._fmt(rows[-1]["loss"]) in markdown  # final metrics come from the last logged step
+    assert numbers.fmt(rows[-1]["loss"]) in markdown  # final metrics come from the last logged step
 
 
 def test_two_runs_overlay_with_a_legend(runs, tmp_path, monkeypatch):
     _, a, b = runs
     legends = {}
-    save = report._save
+    save = plots._save
 
     def keep_legend(figure, canvas_cls, path):
         legends[path.stem] = [t.get_text() for ax in figure.axes if ax.get_legend()
                               for t in ax.get_legend().get_texts()]
         save(figure, canvas_cls, path)
 
-    monkeypatch.setattr(report, "_save", keep_legend)
+    monkeypatch.setattr(plots, "_save", keep_legend)
     out = tmp_path / "compare"
     assert _invoke("report", "--run", a, "--run", b, "--out", out)[0] == 0
     markdown = assert_pngs(out, CURVES + ["frac_at_bound"] + EVAL_PLOTS)
@@ -193,8 +196,8 @@ def test_resumed_steps_keep_the_newest_row_and_stale_plots_go(tmp_path):
     run = write_run(tmp_path / "r", "rdro", 4, extra={"bound": lambda s: 0.5, "frac_at_bound": lambda s: 0.0})
     path = run / "train" / "metrics.jsonl"
     path.write_text(path.read_text() + json.dumps({"step": 3, "loss": 9.0}) + "\n")
-    assert [r["step"] for r in report.read_metrics(path)] == [1, 2, 3, 4]
-    assert report.read_metrics(path)[2]["loss"] == 9.0
+    assert [r["step"] for r in run_data.read_metrics(path)] == [1, 2, 3, 4]
+    assert run_data.read_metrics(path)[2]["loss"] == 9.0
     (run / "report").mkdir()  # an earlier report (of rdro 0.1, without the stage mark)
     (run / "report" / "delta.png").write_bytes(b"old")
     (run / "report" / "report.md").write_text("old")
@@ -206,16 +209,16 @@ def test_resumed_steps_keep_the_newest_row_and_stale_plots_go(tmp_path):
 
 def test_ema_is_debiased_and_accuracies_follow_eval_json():
     labels = np.array([True, True, False, False])
-    assert metrics.auc(np.array([1.0, 2.0, 0.0, 2.0]), labels) == 0.625  # ties count half
-    assert report.ema([2.0] * 5, 0.9) == pytest.approx([2.0] * 5)
-    smoothed = report.ema([0.0, 10.0], 0.5)
+    assert scoring.auc(np.array([1.0, 2.0, 0.0, 2.0]), labels) == 0.625  # ties count half
+    assert numbers.ema([2.0] * 5, 0.9) == pytest.approx([2.0] * 5)
+    smoothed = numbers.ema([0.0, 10.0], 0.5)
     assert smoothed == pytest.approx([0.0, 10 * 0.5 / 0.75])
     tasks = {"preference": {"auc": 0.7, "pair_accuracy": 0.6, "pairs": 3, "reference": {"auc": 0.5},
                             "mean_logratio_preferred": 0.2},
              "exact_match": {"examples": 5, "correct": 1, "accuracy": 0.2},
              "bbh": {"tasks": {"sum_choice": {"examples": 1, "correct": 1, "accuracy": 1.0}}, "mean_accuracy": 1.0},
              "generate": {"prompts": 1, "mean_output_words": 0.5}}
-    assert report.accuracy_metrics(tasks) == {"preference: auc": 0.7, "preference: pair_accuracy": 0.6,
+    assert numbers.accuracy_metrics(tasks) == {"preference: auc": 0.7, "preference: pair_accuracy": 0.6,
                                               "exact_match": 0.2, "bbh: sum_choice": 1.0,
                                               "bbh: mean_accuracy": 1.0}
 

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from rdro_cli import throughput
 from rdro_cli.errors import UserError
-from rdro_cli.modeling import length_groups
+from rdro_cli.lm import completion_head, throughput
+from rdro_cli.lm.batching import length_groups
 from rdro_cli.recipe import load_recipe
 
 
@@ -69,12 +69,12 @@ def test_measured_cost_never_goes_below_the_cpu_tuned_floor():
 def test_measurement_of_a_real_tiny_model_runs():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rdro_cli import modeling
+    from rdro_cli.lm import throughput
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))
-    wrapper = modeling.CompletionLogps(model)
+    wrapper = completion_head.CompletionLogps(model)
     measured = throughput.measure_forward_cost(wrapper, 300, torch.device("cpu"), repeats=1)
     assert set(measured["fastest_s"]) == {"1x32", "8x256"} and all(t > 0 for t in measured["fastest_s"].values())
     assert throughput.MIN_GROUP_COST <= measured["group_cost"] <= throughput.MAX_GROUP_COST

@@ -8,9 +8,9 @@ import json
 import pytest
 from conftest import systematic_rows, write_jsonl
 
-from rdro_cli import tracking
 from rdro_cli.errors import UserError
 from rdro_cli.recipe import TRACKERS, RecipeError, load_recipe, recipe_from_dict
+from rdro_cli.training import tracking
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,9 +19,12 @@ from conftest import systematic_rows, write_jsonl
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from rdro_cli import checkpoints, integrity, losses, modeling
 from rdro_cli.cli import app
+from rdro_cli.lm import batching, completion_head
+from rdro_cli.losses import density_ratio, registry
+from rdro_cli.losses import types as loss_types
 from rdro_cli.recipe import load_recipe
+from rdro_cli.store import checkpoints, integrity
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON = ["model.dtype=float32", "train.learning_rate=1e-3", "train.batch_size=8", "train.warmup_ratio=0.1"]
@@ -83,8 +86,8 @@ def _test_logratios(run: Path, model_dir: Path) -> tuple[torch.Tensor, torch.Ten
     ref = load_file(str(run / "logprobs" / "test.safetensors"))["ref_logps"]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        batch = modeling.collate(test["input_ids"], test["completion_start"], 0)
-        policy = modeling.completion_logps(model, *batch, chunk_size=64)
+        batch = batching.collate(test["input_ids"], test["completion_start"], 0)
+        policy = completion_head.completion_logps(model, *batch, chunk_size=64)
     return policy - ref, torch.tensor(test["label"])
 
 
@@ -274,10 +277,10 @@ def test_non_finite_loss_stops_naming_the_step(systematic_run, tiny_llama, tmp_p
     poisoned = {"on": False}
 
     def ddro_then_nan(logratios, labels):
-        output = losses.ddro_loss(logratios, labels)
+        output = density_ratio.ddro_loss(logratios, labels)
         return output._replace(losses=output.losses * float("nan")) if poisoned["on"] else output
 
-    monkeypatch.setitem(losses.LOSSES, "ddro", losses.LossSpec(ddro_then_nan))
+    monkeypatch.setitem(registry.LOSSES, "ddro", loss_types.LossSpec(ddro_then_nan))
     _stop_at(monkeypatch, 2, lambda: poisoned.update(on=True))
     out = tmp_path / "train"
     code, _, err = _train(systematic_run, out, tiny_llama, "train.max_steps=6", "train.save_every=2", loss="ddro")

@@ -10,7 +10,7 @@ import torch
 from conftest import systematic_rows
 from test_train import _make_run, _metrics, _train
 
-from rdro_cli import throughput
+from rdro_cli.lm import throughput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 from conftest import systematic_rows, write_jsonl
 
-from rdro_cli.peft_compat import building_peft_model
+from rdro_cli.lm.peft_compat import building_peft_model
 
 LORA = ["lora.enabled=true", "lora.r=4", "lora.target_modules=q_proj,v_proj", "model.dtype=float32"]
 

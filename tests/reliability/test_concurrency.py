@@ -23,8 +23,8 @@ from conftest import systematic_rows, write_jsonl
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from rdro_cli import artifacts, integrity
 from rdro_cli.cli import app
+from rdro_cli.store import integrity, locks, manifests
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def _start(args: list) -> subprocess.Popen:
 
 def _lock_holder(out: Path) -> int | None:
     try:
-        return json.loads(artifacts.lock_path(out).read_text() or "{}").get("pid")
+        return json.loads(locks.lock_path(out).read_text() or "{}").get("pid")
     except (OSError, ValueError):
         return None
 
@@ -98,11 +98,11 @@ def test_two_prepare_launches_one_runs_and_equals_a_solo_run(solo, tmp_path):
 
     out = tmp_path / "data"
     _paused_winner([*solo["prepare"], "--out", out], out, "prepare")
-    assert artifacts.read_manifest(out)["fingerprint"] == artifacts.read_manifest(solo["data"])["fingerprint"]
+    assert manifests.read_manifest(out)["fingerprint"] == manifests.read_manifest(solo["data"])["fingerprint"]
     for split in ("train", "test"):
         assert datasets.load_from_disk(str(out))[split].to_dict() == \
             datasets.load_from_disk(str(solo["data"]))[split].to_dict()
-    assert integrity.artifact_problem(out) is None and not artifacts.lock_path(out).exists()
+    assert integrity.artifact_problem(out) is None and not locks.lock_path(out).exists()
 
 
 def test_two_logprobs_launches_one_runs_and_equals_a_solo_run(solo, tmp_path):

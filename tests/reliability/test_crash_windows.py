@@ -25,8 +25,9 @@ import pytest
 from conftest import systematic_rows, write_jsonl
 from typer.testing import CliRunner
 
-from rdro_cli import integrity, verify
+from rdro_cli import verify
 from rdro_cli.cli import app
+from rdro_cli.store import integrity
 
 pytestmark = pytest.mark.slow
 

@@ -19,9 +19,10 @@ import pytest
 from conftest import systematic_rows, write_jsonl
 from typer.testing import CliRunner
 
-from rdro_cli import artifacts, diskspace, integrity, verify
+from rdro_cli import verify
 from rdro_cli.cli import app
 from rdro_cli.errors import UserError
+from rdro_cli.store import digests, diskspace, integrity, manifests
 
 # ------------------------------------------------------------------------------------------- digests
 
@@ -31,11 +32,11 @@ def test_digest_file_matches_published_test_vectors(tmp_path):
     empty.write_bytes(b"")
     abc.write_bytes(b"abc")
     # FIPS 180-2 appendix B.1, and the xxHash reference's XXH3_128bits("") vector
-    assert integrity.digest_file(abc, "sha256") == \
+    assert digests.digest_file(abc, "sha256") == \
         "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    assert integrity.digest_file(empty, "sha256") == \
+    assert digests.digest_file(empty, "sha256") == \
         "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-    assert integrity.digest_file(empty) == "xxh3_128:99aa06d3014798d86001c324468d497f"
+    assert digests.digest_file(empty) == "xxh3_128:99aa06d3014798d86001c324468d497f"
 
 
 def test_digest_reads_in_blocks_like_one_pass(tmp_path):
@@ -44,26 +45,26 @@ def test_digest_reads_in_blocks_like_one_pass(tmp_path):
     big = tmp_path / "big"
     payload = os.urandom((8 << 20) + 12345)  # more than one 8 MiB block
     big.write_bytes(payload)
-    assert integrity.digest_file(big, "sha256") == "sha256:" + hashlib.sha256(payload).hexdigest()
+    assert digests.digest_file(big, "sha256") == "sha256:" + hashlib.sha256(payload).hexdigest()
 
 
 def test_cache_survives_a_rename_and_notices_an_in_place_write(tmp_path, monkeypatch):
     monkeypatch.setenv("RDRO_CACHE_DIR", str(tmp_path / "cache"))
     calls = []
-    real = integrity.digest_file
-    monkeypatch.setattr(integrity, "digest_file", lambda p, a=integrity.ALGORITHM: calls.append(p) or real(p, a))
+    real = digests.digest_file
+    monkeypatch.setattr(digests, "digest_file", lambda p, a=digests.ALGORITHM: calls.append(p) or real(p, a))
     first = tmp_path / "a.bin"
     first.write_bytes(b"x" * 1000)
-    digest = integrity.digest_cached(first)
+    digest = digests.digest_cached(first)
     moved = tmp_path / "moved.bin"
     os.replace(first, moved)  # how artifacts are published: same inode, size and mtime
-    integrity._memo.clear()  # the on-disk cache alone must answer
-    assert integrity.digest_cached(moved) == digest and len(calls) == 1
+    digests._memo.clear()  # the on-disk cache alone must answer
+    assert digests.digest_cached(moved) == digest and len(calls) == 1
     with open(moved, "r+b") as handle:  # in place: same size, new mtime
         handle.seek(500)
         handle.write(b"y")
     os.utime(moved, ns=(os.stat(moved).st_atime_ns, os.stat(moved).st_mtime_ns + 1000))
-    assert integrity.digest_cached(moved) != digest and len(calls) == 2
+    assert digests.digest_cached(moved) != digest and len(calls) == 2
 
 
 def test_tree_digests_lists_every_file_with_its_size(tmp_path):
@@ -85,7 +86,7 @@ def _sealed_artifact(directory: Path, stage: str = "prepare") -> dict:
     (directory / "rows.bin").write_bytes(bytes(range(256)) * 4)
     (directory / "nested").mkdir(exist_ok=True)
     (directory / "nested" / "more.txt").write_text("hello\n")
-    return artifacts.write_manifest(directory, stage=stage, fingerprint="f" * 64, inputs={"x": "y"},
+    return manifests.write_manifest(directory, stage=stage, fingerprint="f" * 64, inputs={"x": "y"},
                                     config={"a": 1.5, "b": [1, 2], "path": Path("/p")}, counts={"rows": 3},
                                     started=0.0)
 
@@ -101,7 +102,7 @@ def test_manifest_records_files_and_seals_itself(tmp_path):
 
     assert digest == hashlib.sha256((json.dumps(body, indent=2) + "\n").encode()).hexdigest()
     assert integrity.artifact_problem(tmp_path / "art") is None
-    assert artifacts.require_input(tmp_path / "art", "prepare")["counts"] == {"rows": 3}
+    assert manifests.require_input(tmp_path / "art", "prepare")["counts"] == {"rows": 3}
 
 
 def test_every_single_byte_flip_and_every_truncation_of_a_manifest_is_noticed(tmp_path):
@@ -150,11 +151,11 @@ def test_file_damage_is_one_line_naming_the_file_and_the_stage(tmp_path, damage,
     else:
         target.unlink()
     with pytest.raises(UserError) as err:
-        artifacts.require_input(tmp_path / "art", "logprobs")
+        manifests.require_input(tmp_path / "art", "logprobs")
     message = str(err.value)
     assert "\n" not in message and str(target) in message and expected in message
     assert "re-run `rdro logprobs` with --force" in message
-    assert not artifacts.is_done(tmp_path / "art", "f" * 64)  # a damaged output is rebuilt, not "up to date"
+    assert not manifests.is_done(tmp_path / "art", "f" * 64)  # a damaged output is rebuilt, not "up to date"
 
 
 def test_reseal_records_a_deliberate_change(tmp_path):

@@ -12,8 +12,8 @@ from conftest import systematic_rows, write_jsonl
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from rdro_cli import integrity
 from rdro_cli.cli import app
+from rdro_cli.store import integrity
 
 
 def _cli(*args) -> tuple[int, str]:

@@ -15,8 +15,8 @@ import pytest
 from conftest import build_model, systematic_rows, write_jsonl
 from typer.testing import CliRunner
 
-from rdro_cli import modeling
 from rdro_cli.cli import app
+from rdro_cli.lm import fingerprints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TRAIN = ["--set", "lora.enabled=true", "--set", "train.batch_size=4", "--set", "model.dtype=float32"]
@@ -85,12 +85,12 @@ def test_a_deliberate_other_reference_is_allowed_and_recorded(run, tiny_llama, t
                              f"model.ref_name={json.dumps(str(tiny_llama))}")
     assert code == 0, stderr
     manifest = json.loads((tmp_path / "train" / "manifest.json").read_text())
-    reference = {"name": str(tiny_llama), "fingerprint": modeling.model_fingerprint(tiny_llama)}
+    reference = {"name": str(tiny_llama), "fingerprint": fingerprints.model_fingerprint(tiny_llama)}
     assert manifest["reference"] == reference
-    assert manifest["inputs"]["model"] == modeling.model_fingerprint(twin)
+    assert manifest["inputs"]["model"] == fingerprints.model_fingerprint(twin)
     card = _card(tmp_path / "train" / "final")
     assert card["reference_model"] == reference
-    assert card["base_model"] == str(twin) and card["base_model_fingerprint"] == modeling.model_fingerprint(twin)
+    assert card["base_model"] == str(twin) and card["base_model_fingerprint"] == fingerprints.model_fingerprint(twin)
 
 
 def test_the_same_reference_is_recorded_by_content_not_by_name(run, tiny_llama, tmp_path):
@@ -98,7 +98,7 @@ def test_the_same_reference_is_recorded_by_content_not_by_name(run, tiny_llama, 
     code, _, stderr = _train(run, tmp_path / "train", copy, "--max-steps", "2")
     assert code == 0, stderr
     reference = json.loads((tmp_path / "train" / "manifest.json").read_text())["reference"]
-    assert reference == {"name": str(tiny_llama), "fingerprint": modeling.model_fingerprint(copy)}
+    assert reference == {"name": str(tiny_llama), "fingerprint": fingerprints.model_fingerprint(copy)}
 
 
 def test_merge_accepts_a_copy_of_the_base_it_was_trained_on(run, tiny_llama, tmp_path):
@@ -108,7 +108,7 @@ def test_merge_accepts_a_copy_of_the_base_it_was_trained_on(run, tiny_llama, tmp
                            tmp_path / "merged")
     assert code == 0, stderr
     assert json.loads((tmp_path / "merged" / "manifest.json").read_text())["inputs"]["base"] == \
-        modeling.model_fingerprint(tiny_llama)
+        fingerprints.model_fingerprint(tiny_llama)
 
 
 def test_eval_says_when_the_model_was_trained_on_other_data(run, tiny_llama, tmp_path):

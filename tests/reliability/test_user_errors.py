@@ -20,7 +20,7 @@ import pytest
 from conftest import FIXTURES, systematic_rows, write_jsonl
 
 from rdro_cli import prepare
-from rdro_cli.rows import parse_row
+from rdro_cli.dataprep.rows import parse_row
 
 REPO = Path(__file__).resolve().parent.parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

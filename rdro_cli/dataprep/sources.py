@@ -16,15 +16,21 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from rdro_cli import artifacts
 from rdro_cli.errors import UserError
+from rdro_cli.store import digests
 
 SHORT_NAMES = {
     "mix14k": "trl-lib/kto-mix-14k",
     "ufg": "trl-lib/ultrafeedback-gpt-3.5-turbo-helpfulness",
 }
+
+
 PACKAGED = {"demo": ("demo_train.jsonl", "demo_test.jsonl")}
+
+
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
 RAW_FEATURES = {"_raw": "string", "_n": "int64"}
 
 
@@ -36,9 +42,6 @@ class SourceSplit:
     dataset: object
     where: tuple[str, str]
     raw: bool
-
-
-# ---------------------------------------------------------------- text files -> Arrow on disk
 
 
 def _jsonl_lines(path: str):
@@ -151,7 +154,7 @@ def read_source(spec: str, work: Path) -> tuple[dict[str, SourceSplit], str]:
         if missing:
             raise UserError(f"packaged dataset {spec!r} is missing {missing[0]}; reinstall rdro-cli")
         return ({name: SourceSplit(_to_arrow(_jsonl_lines, work, f), (f"{f}:", ""), True)
-                 for name, f in zip(("train", "test"), files, strict=True)}, artifacts.fingerprint_files(files))
+                 for name, f in zip(("train", "test"), files, strict=True)}, digests.fingerprint_files(files))
     path = Path(spec)
     if path.is_dir():
         import datasets
@@ -161,7 +164,7 @@ def read_source(spec: str, work: Path) -> tuple[dict[str, SourceSplit], str]:
         except Exception as err:
             raise UserError(f"{path}: not a datasets save_to_disk directory ({err})") from None
         data_files = [p for p in path.rglob("*") if p.is_file()]
-        return _from_datasets(loaded, str(path)), artifacts.fingerprint_files(data_files)
+        return _from_datasets(loaded, str(path)), digests.fingerprint_files(data_files)
     if path.suffix in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
             raise UserError(f"{path}: dataset file not found")
@@ -178,13 +181,13 @@ def read_source(spec: str, work: Path) -> tuple[dict[str, SourceSplit], str]:
                 splits = _read_parquet(path, work)
         except (OSError, UnicodeDecodeError) as err:
             raise UserError(f"{path}: cannot read dataset file ({err})") from None
-        return splits, artifacts.fingerprint_files([path])
+        return splits, digests.fingerprint_files([path])
     dataset_id = SHORT_NAMES.get(spec, spec)
     if "/" not in dataset_id:
         raise UserError(f"{spec!r} is neither a known short name ({', '.join([*SHORT_NAMES, *PACKAGED])}), "
                         f"a local file nor a hub id (owner/name)")
     splits = _load_hub(dataset_id)
-    return splits, artifacts.fingerprint_json({"hub": dataset_id, "rows": {k: len(v.dataset) for k, v in splits.items()}})
+    return splits, digests.fingerprint_json({"hub": dataset_id, "rows": {k: len(v.dataset) for k, v in splits.items()}})
 
 
 def source_rows(batch: dict, indices: list[int], where_parts: tuple[str, str], raw: bool):

@@ -16,25 +16,36 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rdro_cli import __version__, artifacts
+from rdro_cli import __version__
+from rdro_cli.dataprep.sources import SHORT_NAMES
 from rdro_cli.recipe import Recipe
-from rdro_cli.sources import SHORT_NAMES
+from rdro_cli.store import manifests
 
 CARD_FILE = "README.md"
+
+
 ARXIV = "2604.04410"
+
+
 CITATION = f"""@misc{{rdro,
   note          = {{Relative Density Ratio Optimization (RDRO)}},
   eprint        = {{{ARXIV}}},
   archivePrefix = {{arXiv}},
   url           = {{https://arxiv.org/abs/{ARXIV}}},
 }}"""
+
+
 # The loss.* keys each objective reads (train's loss arguments); alpha is recorded as resolved.
 LOSS_KEYS = {"rdro": ("alpha", "weighting"), "ddro": (), "kto": ("beta", "desirable_weight", "undesirable_weight"),
              "bco": ("beta",), "dpo": ("beta",), "pro": ("beta", "pro_alpha", "pro_weighting"),
              "kldo": ("beta", "kldo_estimator", "kldo_rate"), "bpo": ("beta", "bpo_divergence", "bpo_lam", "bpo_ratio_min"),
              "pmle": ("pmle_gamma",)}
+
+
 TRAIN_KEYS = ("learning_rate", "batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr_scheduler",
               "warmup_ratio", "weight_decay", "max_grad_norm", "seed")
+
+
 METHOD_NAMES = {"rdro": "RDRO (Relative Density Ratio Optimization)", "ddro": "DDRO (unbounded density ratio)",
                 "kto": "KTO", "bco": "BCO", "dpo": "DPO", "pro": "PRO-B (Proximalized Preference Optimization)",
                 "kldo": "KLDO (KL divergence optimisation)", "bpo": "BPO (Bregman preference optimisation)",
@@ -104,7 +115,7 @@ def merged_metadata(adapter: Path, base: str) -> dict[str, Any]:
 def eval_results_for(model_fingerprint: str, eval_dirs: list[Path]) -> dict | None:
     """`eval.json` tasks of the first finished eval artifact that evaluated exactly this model, if any."""
     for directory in eval_dirs:
-        manifest = artifacts.read_manifest(directory)
+        manifest = manifests.read_manifest(directory)
         if manifest and manifest.get("stage") == "eval" \
                 and manifest.get("inputs", {}).get("model") == model_fingerprint:
             try:

@@ -17,10 +17,9 @@ import re
 import signal
 from dataclasses import dataclass, replace
 
-from rdro_cli import piece_encoding
-from rdro_cli import rows as _rows
+from rdro_cli.dataprep import piece_encoding, rows
+from rdro_cli.dataprep.sources import source_rows
 from rdro_cli.errors import UserError
-from rdro_cli.sources import source_rows
 
 # Columns of the tokenised intermediate; those starting with "_" never reach the artifact.
 FEATURES = {
@@ -30,6 +29,8 @@ FEATURES = {
     "_truncated_prompt": "bool", "_truncated_completion": "bool", "_dropped": "bool", "_control_text": "bool",
     "_control_unprotected": "bool", "_max_id": "int64",
 }
+
+
 _SENTINEL = "\ue000{}\ue001"  # private-use characters: stand-ins for message contents while rendering
 
 
@@ -65,7 +66,7 @@ def _messages(value, role: str) -> list[dict]:
     return value if isinstance(value, list) else [{"role": role, "content": value}]
 
 
-def _contents(example: _rows.Example) -> list[str]:
+def _contents(example: rows.Example) -> list[str]:
     return [m["content"] for m in _messages(example.prompt, "user") + _messages(example.completion, "assistant")]
 
 
@@ -86,7 +87,7 @@ def check_template(tokenizer, template: str) -> None:
         pass
 
 
-def render(example: _rows.Example, tokenizer, use_template: bool,
+def render(example: rows.Example, tokenizer, use_template: bool,
            template: str = "the chat template") -> tuple[str, str]:
     """(templated prompt with the generation prompt, templated full conversation). A template that raises
     (e.g. `raise_exception('Conversation roles must alternate ...')`) is one line naming the row."""
@@ -106,7 +107,7 @@ def render(example: _rows.Example, tokenizer, use_template: bool,
     return example.prompt, example.prompt + example.completion + (tokenizer.eos_token or "")
 
 
-def render_batch(examples: list[_rows.Example], tokenizer, use_template: bool,
+def render_batch(examples: list[rows.Example], tokenizer, use_template: bool,
                  template: str = "the chat template") -> list[tuple[str, str]]:
     """`render` of every example, the template applied to the whole batch in two calls (the same texts; less
     per-call overhead in transformers); when the template raises, row by row to name the row."""
@@ -127,7 +128,7 @@ def render_batch(examples: list[_rows.Example], tokenizer, use_template: bool,
     return list(zip(prompt_texts, full_texts, strict=True))
 
 
-def _with_contents(example: _rows.Example, contents: list[str]) -> _rows.Example:
+def _with_contents(example: rows.Example, contents: list[str]) -> rows.Example:
     prompt = _messages(example.prompt, "user")
     n = len(prompt)
     new_prompt = [{**m, "content": c} for m, c in zip(prompt, contents[:n], strict=True)]
@@ -194,12 +195,12 @@ def _protect(example, texts, tokenizer, settings) -> tuple[list[int], list[int],
     return prompt_ids, full_ids, mismatch
 
 
-def parse_batch(batch: dict, indices: list[int], settings: Settings) -> tuple[list[_rows.Example], list[int]]:
+def parse_batch(batch: dict, indices: list[int], settings: Settings) -> tuple[list[rows.Example], list[int]]:
     """The batch's examples and, for each, the index of its source row in the split."""
     examples, sources = [], []
     for index, (row, where) in zip(indices, source_rows(batch, indices, settings.where, settings.raw), strict=True):
-        for example in _rows.parse_row(row, where, pair_id=index):
-            if not settings.use_template and _rows.is_conversational(example):
+        for example in rows.parse_row(row, where, pair_id=index):
+            if not settings.use_template and rows.is_conversational(example):
                 raise UserError(f"{where}: a conversational row, but the tokenizer has no chat template; "
                                 f"supply one with --chat-template FILE (model.chat_template)")
             examples.append(example)
@@ -254,11 +255,11 @@ def tokenise_batch(batch: dict, indices: list[int], *, tokenizer, settings: Sett
         out["label"].append(example.label)
         out["prompt_text"].append(texts[i][0])
         out["completion_text"].append(completion_texts[i])
-        out["prompt"].append(_rows.raw_prompt(example))
+        out["prompt"].append(rows.raw_prompt(example))
         out["_src"].append(sources[i])
         out["_paired"].append(example.pair_id >= 0)
-        out["_prompt_hash"].append(_rows.hash64(_rows.prompt_key(example)))
-        out["_duplicate_hash"].append(_rows.hash64(example.duplicate_key))
+        out["_prompt_hash"].append(rows.hash64(rows.prompt_key(example)))
+        out["_duplicate_hash"].append(rows.hash64(example.duplicate_key))
         out["_boundary_mismatch"].append(i in mismatched)
         out["_truncated_prompt"].append(truncated_prompt)
         out["_truncated_completion"].append(truncated_completion)

@@ -25,11 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rdro_cli import artifacts, diskspace, integrity, model_card
 from rdro_cli.errors import UserError
+from rdro_cli.store import digests, diskspace, durable, integrity, manifests, model_card
 
 CHECKPOINT = re.compile(r"^step-(\d{7})$")
+
+
 STATE_FILE = "state.json"
+
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -46,7 +50,7 @@ class TrainState:
 
 
 def run_fingerprint(identity: dict) -> str:
-    return artifacts.fingerprint_json(identity)
+    return digests.fingerprint_json(identity)
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -122,7 +126,7 @@ def open_output(out: Path, identity: dict, total_steps: int, *, resume: bool, fo
     with no checkpoint to continue from it refuses and names --force.
     """
     fingerprint = run_fingerprint(identity)
-    manifest = artifacts.read_manifest(out)
+    manifest = manifests.read_manifest(out)
     has_anything = out.is_dir() and any(out.iterdir())
     if force:
         return Opening("fresh", replaces=has_anything)
@@ -178,8 +182,8 @@ def begin(out: Path, opening: Opening, *, is_main: bool) -> None:
     if opening.replaces and out.exists():  # `outputs.claim` made sure `out` holds nothing but a train run of rdro's
         shutil.rmtree(out)
     if opening.reopens:  # training on: the run is unfinished again until its new manifest
-        (out / artifacts.MANIFEST).unlink(missing_ok=True)
-        artifacts.fsync_dir(out)
+        (out / manifests.MANIFEST).unlink(missing_ok=True)
+        durable.fsync_dir(out)
 
 
 def _rng_state() -> dict:
@@ -261,12 +265,12 @@ def _write_checkpoint(session) -> Path:
         body = {"fingerprint": session.fingerprint, "identity": session.identity, **vars(state), "rng": rng,
                 integrity.FILES_KEY: integrity.tree_digests(tmp, exclude=(STATE_FILE,))}  # --resume checks them
         (tmp / STATE_FILE).write_text(json.dumps(body))  # last: its presence marks the checkpoint complete
-        artifacts.fsync_tree(tmp)
+        durable.fsync_tree(tmp)
         if (session.out / METRICS_FILE).is_file():  # the rows up to this step survive a crash with it
-            artifacts.fsync_file(session.out / METRICS_FILE)
+            durable.fsync_file(session.out / METRICS_FILE)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        artifacts.fsync_dir(final.parent)
+        durable.fsync_dir(final.parent)
         for old in complete_checkpoints(session.out)[: -session.cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -283,7 +287,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Keeps the rows of steps <= `step`: a resumed run rewrites the ones after its checkpoint."""
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        artifacts.write_text_atomic(path, "".join(line + "\n" for line in kept))
+        durable.write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def append_metrics(path: Path, row: dict) -> None:
@@ -307,7 +311,7 @@ def save_final(session, tokenizer, dataset: str, *, reference: dict | None = Non
         # the weights (as the last checkpoint holds them) and the tokenizer files the model came with
         need = diskspace.tree_size(session.last_checkpoint / "model") + diskspace.tree_size(
             session.cfg.model.name, skip_suffixes=(".safetensors", ".bin", ".pt")) if session.last_checkpoint else None
-        with diskspace.writing(final, need), artifacts.atomic_dir(final) as tmp:
+        with diskspace.writing(final, need), durable.atomic_dir(final) as tmp:
             _save_model(session, tmp)
             tokenizer.save_pretrained(str(tmp))
             (tmp / "recipe.toml").write_text(session.cfg.to_toml(), encoding="utf-8")

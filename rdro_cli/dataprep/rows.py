@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from rdro_cli.errors import UserError
 
 _TRUE = {"true", "1", "yes", "y", "t", "preferred", "good", "desirable"}
+
+
 _FALSE = {"false", "0", "no", "n", "f", "not_preferred", "bad", "undesirable"}
 
 
@@ -141,6 +143,3 @@ def hash64(text: str) -> int:
     """A signed 64-bit digest (an Arrow int64), stable across processes unlike `hash()`."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
                           "little", signed=True)
-
-
-

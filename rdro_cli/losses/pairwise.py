@@ -1,8 +1,4 @@
-"""Pair losses beyond DPO: the BPO family and preference maximum likelihood (docs/losses.md).
-
-Each takes the chosen and rejected rows' log-ratios ``r_w, r_l`` (``r = s_pol - s_ref``; for the
-reference-free ``pmle`` the training loop passes ``s_pol`` itself) and returns one loss per pair.
-"""
+"""losses.pairwise (moved)"""
 
 from __future__ import annotations
 
@@ -12,7 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from rdro_cli.loss_types import LossOutput
+from rdro_cli.losses.types import LossOutput
 
 BPO_DIVERGENCES = ("lr", "kliep", "lsif", "ba", "sba")
 
@@ -107,3 +103,26 @@ def pmle_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, *, gamma
         raise ValueError(f"gamma must be > 0, got {gamma}")
     margin = gamma * (chosen_logps - rejected_logps)
     return LossOutput(F.softplus(-margin), _pair_stats(chosen_logps, rejected_logps, margin))
+
+
+def dpo_loss(
+    chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *, beta: float = 0.1
+) -> LossOutput:
+    """Direct preference optimisation on pairs (docs/losses.md, DPO)::
+
+        l = softplus(-beta * (r_w - r_l)) = -log sigmoid(beta * (r_w - r_l))
+    """
+    if chosen_logratios.shape != rejected_logratios.shape:
+        raise ValueError(
+            f"chosen {tuple(chosen_logratios.shape)} and rejected {tuple(rejected_logratios.shape)} differ"
+        )
+    margin = beta * (chosen_logratios - rejected_logratios)
+    losses = F.softplus(-margin)
+    chosen, rejected = chosen_logratios.detach(), rejected_logratios.detach()
+    stats = {
+        "logratio_preferred": chosen.mean(),
+        "logratio_non_preferred": rejected.mean(),
+        "logratio_max": torch.maximum(chosen.max(), rejected.max()),
+        "reward_accuracy": (margin.detach() > 0).to(chosen.dtype).mean(),
+    }
+    return LossOutput(losses, stats)

@@ -1,20 +1,4 @@
-"""Integrity: the bytes a stage published are the bytes its consumers read.
-
-Every manifest lists the files its stage published with their size and a content digest: xxh3-128,
-which benchmarks/digest_bench.py measured at 3.6x sha256's speed (1390 vs 391 MiB/s; a plain read of the
-cached file: 3019 MiB/s), so sha256 would cost 7.7x the read itself on a multi-GB checkpoint. A 128-bit
-non-cryptographic hash is more than enough against accidental damage (flipped bits, truncation,
-half-synced copies), which is what this guards against; it is no defence against someone who can also
-rewrite the manifest.
-The manifest seals itself: `manifest_digest` is the sha256 of its own canonical text without that key,
-and the file must be byte-for-byte that canonical text, so any change to any byte of it is noticed.
-Training checkpoints record their files the same way in `state.json`.
-
-Digests are cached by (device, inode, size, mtime_ns): a rename (how every artifact is published) keeps
-all four, so a multi-GB file is hashed once, when it is written, and every later check is a `stat`.
-Writing a file changes its mtime, so an in-place change is re-hashed; a change that restores both size
-and mtime to the nanosecond (deliberately, e.g. `touch -d`) would not be noticed.
-"""
+"""store.integrity (moved)"""
 
 from __future__ import annotations
 
@@ -23,77 +7,20 @@ import json
 import os
 from pathlib import Path
 
-import xxhash
+from rdro_cli.store.digests import digest_cached
 
-ALGORITHM = "xxh3_128"
 MANIFEST = "manifest.json"
+
+
 FILES_KEY = "files"
+
+
 SELF_KEY = "manifest_digest"
+
+
 # Parts of a stage directory its manifest does not cover: checkpoints carry their own digests
 # (state.json) and come and go during training; tb/ is a log that a tracker may still append to.
 NOT_SEALED = {"train": ("checkpoints", "tb")}
-_CACHE_FILE = "file_digests.json"
-_CACHE_LIMIT = 20000
-_memo: dict[str, str] = {}
-
-
-def _hasher(algorithm: str):
-    if algorithm == "xxh3_128":
-        return xxhash.xxh3_128()
-    if algorithm == "sha256":
-        return hashlib.sha256()
-    raise ValueError(f"unknown digest algorithm {algorithm!r}")
-
-
-def digest_file(path: str | Path, algorithm: str = ALGORITHM) -> str:
-    """`<algorithm>:<hex>` of a file's bytes, read in 8 MiB blocks (no caching)."""
-    digest = _hasher(algorithm)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(block)
-    return f"{algorithm}:{digest.hexdigest()}"
-
-
-def _cache_path() -> Path:
-    from rdro_cli.artifacts import cache_dir
-
-    return cache_dir() / _CACHE_FILE
-
-
-def _read_cache() -> dict:
-    try:
-        cache = json.loads(_cache_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return cache if isinstance(cache, dict) else {}
-
-
-def _write_cache(key: str, value: str) -> None:
-    try:  # re-read first: other processes may have added entries meanwhile
-        cache = _read_cache()
-        cache[key] = value
-        if len(cache) > _CACHE_LIMIT:  # oldest first (dicts keep insertion order)
-            cache = dict(list(cache.items())[-_CACHE_LIMIT:])
-        path = _cache_path()
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(cache), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only or full cache dir only costs hashing again next time
-
-
-def digest_cached(path: str | Path, algorithm: str = ALGORITHM) -> str:
-    """digest_file, cached by (device, inode, size, mtime_ns) in memory and in the user cache dir."""
-    stat = os.stat(path)
-    key = f"{algorithm}|{stat.st_dev}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}"
-    if key in _memo:
-        return _memo[key]
-    cached = _read_cache().get(key)
-    if not isinstance(cached, str):
-        cached = digest_file(path, algorithm)
-        _write_cache(key, cached)
-    _memo[key] = cached
-    return cached
 
 
 def tree_digests(directory: str | Path, *, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
@@ -118,9 +45,6 @@ def tree_digests(directory: str | Path, *, exclude: tuple[str, ...] = ()) -> dic
 def stage_files(directory: str | Path, stage: str) -> dict[str, dict]:
     """What a stage's manifest records: every file in its directory but the manifest (and NOT_SEALED)."""
     return tree_digests(directory, exclude=(MANIFEST, *NOT_SEALED.get(stage, ())))
-
-
-# ------------------------------------------------------------------------------------ sealed manifests
 
 
 def _canonical(manifest: dict) -> str:
@@ -198,15 +122,12 @@ def artifact_problem(directory: str | Path, only: tuple[str, ...] | None = None)
 def reseal(directory: str | Path) -> None:
     """Re-records the file digests and the seal of an existing manifest, for files changed on purpose
     (tests that build a valid artifact of another shape, tools that migrate artifacts)."""
-    from rdro_cli.artifacts import write_text_atomic
+    from rdro_cli.store.durable import write_text_atomic
 
     path = Path(directory) / MANIFEST
     manifest = json.loads(path.read_text(encoding="utf-8"))
     manifest[FILES_KEY] = stage_files(directory, manifest.get("stage", ""))
     write_text_atomic(path, seal(manifest))
-
-
-# ------------------------------------------------------------------------------------ checkpoints
 
 
 def checkpoint_problem(checkpoint: str | Path, state_file: str = "state.json") -> str | None:
@@ -220,9 +141,6 @@ def checkpoint_problem(checkpoint: str | Path, state_file: str = "state.json") -
     if files is None:
         return None  # written before checkpoints carried digests
     return files_problem(checkpoint, files)
-
-
-# ------------------------------------------------------------------------------------ numbers
 
 
 def nonfinite_rows(values) -> list[int]:

@@ -19,8 +19,13 @@ from rdro_cli.errors import UserError
 if TYPE_CHECKING:
     from rdro_cli.recipe import Recipe
 
+
 PROJECT = "rdro"
+
+
 TENSORBOARD_DIR = "tb"
+
+
 # pip distribution of each tracker whose name differs from its recipe name
 PIP_NAMES = {"comet_ml": "comet-ml"}
 

@@ -5,7 +5,7 @@ of the same stage; `--force` replaces only such an artifact. Anything else is re
 the path and what it holds: a regular file, a symbolic link, a directory of someone else's files, a model,
 another stage's artifact, `.`/`..`/`/` (or the current or home directory, or one above them), an input
 of the same command or a directory that contains one, or a path inside another artifact. Writability is
-checked up front, and the output's lock (`artifacts.acquire_lock`) is taken, so a second launch against
+checked up front, and the output's lock (`locks.acquire_lock`) is taken, so a second launch against
 the same output refuses instead of racing.
 """
 
@@ -17,24 +17,30 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from rdro_cli import artifacts
 from rdro_cli.errors import UserError
+from rdro_cli.store import durable, locks, manifests
 
 # written into a stage directory that is worked on in place (train) before anything else, so an
 # unfinished run is recognised as the stage's own
 STAGE_FILE = ".rdro-stage"
+
+
 # what a train directory of rdro 0.1 (before STAGE_FILE) can hold
-_LEGACY_TRAIN_ENTRIES = {"metrics.jsonl", "checkpoints", "final", "tb", artifacts.MANIFEST}
+_LEGACY_TRAIN_ENTRIES = {"metrics.jsonl", "checkpoints", "final", "tb", manifests.MANIFEST}
+
+
 # where each stage writes inside a run directory by default
 DEFAULT_DIRS = {"prepare": "data", "logprobs": "logprobs", "train": "train", "merge": "merged", "eval": "eval",
                 "report": "report"}
+
+
 _MODEL_FILES = ("config.json", "adapter_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 def mark_stage(directory: Path, stage: str) -> None:
     """Marks a directory a stage works in place as that stage's (before it writes anything else)."""
     directory.mkdir(parents=True, exist_ok=True)
-    artifacts.write_text_atomic(directory / STAGE_FILE, json.dumps({"stage": stage}) + "\n")
+    durable.write_text_atomic(directory / STAGE_FILE, json.dumps({"stage": stage}) + "\n")
 
 
 def holder(path: Path) -> tuple[str, str | None]:
@@ -48,7 +54,7 @@ def holder(path: Path) -> tuple[str, str | None]:
     entries = {p.name for p in path.iterdir()}
     if not entries:
         return "empty", None
-    manifest = artifacts.read_manifest(path)
+    manifest = manifests.read_manifest(path)
     if manifest is not None and isinstance(manifest.get("stage"), str):
         return "artifact", manifest["stage"]
     if STAGE_FILE in entries:
@@ -98,7 +104,7 @@ def _refusal(out: Path, stage: str, inputs: Iterable[Path]) -> str | None:
         if source in resolved.parents:
             return f"{out}: is inside {given}, an input of this command; choose another --out"
     for parent in resolved.parents:
-        manifest = artifacts.read_manifest(parent)
+        manifest = manifests.read_manifest(parent)
         if manifest is not None and manifest.get("stage"):
             return (f"{out}: is inside {parent}, an rdro {manifest['stage']} artifact; choose a path outside it, "
                     f"e.g. {parent.parent / stage}")
@@ -108,7 +114,7 @@ def _refusal(out: Path, stage: str, inputs: Iterable[Path]) -> str | None:
     if kind == "model":
         return f"{out}: holds a model, not an rdro {stage} output; choose another --out (rdro never replaces it)"
     if kind == "foreign":
-        held = sorted(p.name for p in raw.iterdir() if p.is_dir() and artifacts.read_manifest(p) is not None)
+        held = sorted(p.name for p in raw.iterdir() if p.is_dir() and manifests.read_manifest(p) is not None)
         if held:
             return (f"{out}: is a run directory holding rdro artifacts ({', '.join(held)}); name the {stage} "
                     f"artifact's own directory, e.g. --out {raw / DEFAULT_DIRS.get(stage, stage)}")
@@ -152,8 +158,8 @@ def claim(out: Path, stage: str, *, inputs: Iterable[Path | str | None] = (), is
             problem = _refusal(out, stage, paths)
             if problem is None:
                 _check_writable(out)
-                artifacts.clean_stale(out)
-                artifacts.acquire_lock(out, stage)
+                durable.clean_stale(out)
+                locks.acquire_lock(out, stage)
         except UserError as err:
             problem = str(err)
     if share is not None:
@@ -167,7 +173,7 @@ def made_from(artifact: Path) -> list[Path]:
     """The finished artifacts beside `artifact` (the other stages of its run directory) whose manifests record
     `artifact`'s fingerprint among their inputs: what replacing it would leave stale."""
     artifact = Path(artifact)
-    manifest = artifacts.read_manifest(artifact)
+    manifest = manifests.read_manifest(artifact)
     if manifest is None or not artifact.parent.is_dir():
         return []
     fingerprint = manifest.get("fingerprint")
@@ -175,7 +181,7 @@ def made_from(artifact: Path) -> list[Path]:
     for sibling in sorted(artifact.parent.iterdir()):
         if sibling == artifact or not sibling.is_dir():
             continue
-        recorded = (artifacts.read_manifest(sibling) or {}).get("inputs")
+        recorded = (manifests.read_manifest(sibling) or {}).get("inputs")
         if isinstance(recorded, dict) and fingerprint in recorded.values():
             found.append(sibling)
     return found
@@ -185,12 +191,12 @@ def refuse_replacing_used(out: Path, stage: str, fingerprint: str, *, force: boo
     """Refuses (without --force) to replace a finished `stage` artifact with one of other inputs or settings
     while finished artifacts of the same run were made from it: a second recipe run into the same directory
     would otherwise swap the data under a trained model, and eval would score it on another split."""
-    manifest = artifacts.read_manifest(out)
+    manifest = manifests.read_manifest(out)
     if force or manifest is None or manifest.get("stage") != stage or manifest.get("fingerprint") == fingerprint:
         return
     users = made_from(out)
     if users:
-        names = ", ".join(f"{p.name}/ ({(artifacts.read_manifest(p) or {}).get('stage')})" for p in users)
+        names = ", ".join(f"{p.name}/ ({(manifests.read_manifest(p) or {}).get('stage')})" for p in users)
         raise UserError(f"{out}: holds the {stage} artifact that {names} of this run were made from, and this "
                         f"command would replace it with one of other inputs or settings; write it elsewhere "
                         f"(--out, or another output.dir), or pass --force to replace it (they are then stale)")

@@ -1,6 +1,6 @@
 """Throughput facts about the device training runs on: the fixed cost of one forward, peak FLOP/s, MFU.
 
-Fixed cost per forward. ``modeling.length_groups`` splits a micro-batch into length groups when the padding
+Fixed cost per forward. ``batching.length_groups`` splits a micro-batch into length groups when the padding
 saved outweighs the cost of one more forward. That cost is the device's, not a constant: kernel launches and
 per-call Python dominate on a GPU (a small forward costs about as much as a large one), almost nothing on a
 CPU. We model one forward over ``T`` padded tokens as
@@ -11,7 +11,7 @@ time a few no-grad forwards of the policy at two shapes, fit (1) and express the
 
     group_cost = max(t_0 / c, MIN_GROUP_COST)   token-equivalents per forward      (2)
 
-cached per (model fingerprint, dtype, device name, torch version) under ``artifacts.cache_dir()``, so every
+cached per (model fingerprint, dtype, device name, torch version) under ``digests.cache_dir()``, so every
 run of the same model on the same device groups the same way (and a resumed run repeats its steps exactly).
 
 MFU. Model FLOPs utilisation of a training step (the PaLM convention, attention FLOPs not counted):
@@ -35,10 +35,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rdro_cli import artifacts
+from rdro_cli.lm import fast_paths
+from rdro_cli.store import digests, durable
 
 # Cap of (2): beyond it the DP makes one group per micro-batch anyway; keeps the cache JSON finite.
 MAX_GROUP_COST = 1e9
+
+
 # Floor of the measured cost: the fixed 512 that issue 10 tuned on CPU. Model (1) is linear, but on a CPU
 # small matmuls are also less efficient per token and each group adds backward/autograd overhead that a
 # no-grad forward does not show: measured there (llama-cpu, 2 busy cores), (2) came out at 131 tokens, and
@@ -46,8 +49,11 @@ MAX_GROUP_COST = 1e9
 # (21 groups instead of 12). The measurement may only raise the cost, which it does on GPUs by orders of
 # magnitude (launch-bound forwards).
 MIN_GROUP_COST = 512.0
+
+
 # Two shapes for (1): one row of 32 tokens (launch-bound everywhere) and 8 rows of 256 (2048 tokens).
 SHAPES = ((1, 32), (8, 256))
+
 
 # Dense (no sparsity) bf16 tensor-core FLOP/s per device, from the vendors' datasheets. Matched in order
 # against torch.cuda.get_device_name(), so the more specific names come first.
@@ -67,10 +73,6 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     (r"L4\b", 121e12),
     (r"A10\b", 125e12),
 )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Fixed cost per forward
 
 
 def fit_forward_cost(samples: list[tuple[int, float]]) -> tuple[float, float]:
@@ -147,22 +149,22 @@ def forward_cost(setting, forward, *, vocab: int, fingerprint: str, dtype: torch
         return float(setting), "train.group_cost"
     key = {"model": fingerprint, "dtype": str(dtype), "device": device_name(device), "torch": torch.__version__,
            **(extra or {})}
-    path = artifacts.cache_dir() / "forward-cost" / f"{artifacts.fingerprint_json(key)}.json"
+    path = digests.cache_dir() / "forward-cost" / f"{digests.fingerprint_json(key)}.json"
     try:
         return float(json.loads(path.read_text())["group_cost"]), f"cached in {path}"
     except (OSError, ValueError, KeyError, TypeError):
         pass
     measured = measure_forward_cost(forward, vocab, device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    artifacts.write_text_atomic(path, json.dumps({"key": key, **measured}, indent=1))
+    durable.write_text_atomic(path, json.dumps({"key": key, **measured}, indent=1))
     return measured["group_cost"], f"measured, cached in {path}"
 
 
 @dataclass
 class BatchingPlan:
-    pack: bool  # one packed row per micro-batch (modeling.pack) instead of length groups
+    pack: bool  # one packed row per micro-batch (batching.pack) instead of length groups
     group_cost: float  # length_groups' cost of one more forward, in padded tokens
-    bucket: bool  # pad lengths to modeling.bucket_length (train.compile)
+    bucket: bool  # pad lengths to batching.bucket_length (train.compile)
     source: str  # where group_cost came from
 
     def describe(self) -> str:
@@ -175,18 +177,13 @@ def batching_plan(train_cfg, model: nn.Module, forward, device: torch.device, *,
                   lora: bool) -> BatchingPlan:
     """How training batches a micro-batch on this device (``train.packing``, ``train.group_cost``,
     ``train.compile``); `forward` is the prepared policy (measured when the cost is "auto")."""
-    from rdro_cli import modeling
 
-    if modeling.use_packing(train_cfg.packing, model):
+    if fast_paths.use_packing(train_cfg.packing, model):
         return BatchingPlan(pack=True, group_cost=0.0, bucket=train_cfg.compile, source="packing")
     dtype = next(model.parameters()).dtype
     cost, source = forward_cost(train_cfg.group_cost, forward, vocab=model.get_input_embeddings().num_embeddings,
                                 fingerprint=fingerprint, dtype=dtype, device=device, extra={"lora": lora})
     return BatchingPlan(pack=False, group_cost=cost, bucket=train_cfg.compile, source=source)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# MFU
 
 
 def peak_flops(name: str | None, override: float = 0.0) -> float | None:

@@ -1,0 +1,1 @@
+"""The losses and their registry (losses.registry): one module per family."""

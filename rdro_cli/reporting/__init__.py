@@ -1,0 +1,1 @@
+"""report's library: reading runs, numbers, plots, the markdown page."""

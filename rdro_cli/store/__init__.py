@@ -1,0 +1,1 @@
+"""Everything about what rdro keeps on disk: durable writes, manifests and their integrity, digests, locks, where a stage may write, disk space, training checkpoints and model cards. Imports nothing above it (no command, no lm/ or training/)."""
