@@ -32,6 +32,7 @@ from rich.markup import escape
 
 from rdro_cli import __version__
 from rdro_cli.errors import UserError
+from rdro_cli.losses.registry import spoken_list
 
 
 class _FlagHelp:
@@ -339,7 +340,7 @@ def train(
     logprobs_dir: Path = typer.Option(None, "--logprobs", help="logprobs output "
                                                                "(default: <output.dir>/logprobs)."),
     model: str = typer.Option(None, "--model", "-m", help="Policy initialisation (model.name)."),
-    loss: str = typer.Option(None, "--loss", help="rdro, ddro, kto, bco, dpo, pro, kldo, bpo or pmle (loss.name)."),
+    loss: str = typer.Option(None, "--loss", help=f"{spoken_list()} (loss.name)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: <output.dir>/train)."),
     max_steps: int = typer.Option(None, help="Stop after N optimizer steps (train.max_steps)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint."),

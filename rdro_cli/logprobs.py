@@ -20,11 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from rdro_cli.errors import UserError
 from rdro_cli.lm import batching, completion_head, fingerprints, loading
+from rdro_cli.losses.registry import LOSSES
 from rdro_cli.progress import console
 from rdro_cli.recipe import Recipe
 from rdro_cli.store import digests, diskspace, durable, integrity, manifests, outputs
-
-LOSSES_NEEDING_KL = {"kto"}
 
 
 def _load_rows(data_dir: Path) -> dict:
@@ -140,7 +139,7 @@ def run(cfg: Recipe, *, data: Path | None = None, out: Path | None = None, force
     tokenizer = loading.load_tokenizer(model_name, revision=cfg.model.revision or None,
                                         trust_remote_code=cfg.model.trust_remote_code)
     fingerprints.require_tokenizer(tokenizer, data_manifest["inputs"].get("tokenizer"), model=model_name, data=data)
-    with_kl = cfg.loss.name in LOSSES_NEEDING_KL
+    with_kl = LOSSES[cfg.loss.name].needs_kl  # KTO's mismatched pairs
     inputs = {"data": data_manifest["fingerprint"],
               "model": fingerprints.model_fingerprint(model_name, revision=cfg.model.revision or None)}
     settings = {"dtype": cfg.model.dtype, "kl": with_kl, "max_tokens_per_batch": cfg.logprobs.max_tokens_per_batch,

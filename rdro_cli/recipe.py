@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from rdro_cli.errors import UserError
+from rdro_cli.losses.registry import NAMES
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-LOSS_NAMES = ("rdro", "ddro", "kto", "bco", "dpo", "pro", "kldo", "bpo", "pmle")
+LOSS_NAMES = NAMES  # the loss registry's (losses/registry.py)
 EVAL_TASKS = ("preference", "generate", "exact_match", "bbh")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # accelerate's trackers (accelerate.utils.LoggerType, less "all"): rdro_cli/tracking.py

@@ -131,9 +131,9 @@ def test_merging_a_foreign_adapter_says_what_is_known(cli, tmp_path, tiny_llama)
 
 
 def test_every_loss_has_card_metadata_naming_real_recipe_keys():
+    from rdro_cli.losses.registry import LOSSES
     from rdro_cli.recipe import LOSS_NAMES, LossSection
-    from rdro_cli.store import model_card
 
-    assert set(model_card.LOSS_KEYS) == set(LOSS_NAMES) == set(model_card.METHOD_NAMES)
-    for keys in model_card.LOSS_KEYS.values():
-        assert all(hasattr(LossSection(), key) for key in keys)
+    assert set(LOSSES) == set(LOSS_NAMES) and all(spec.display for spec in LOSSES.values())
+    for spec in LOSSES.values():
+        assert all(hasattr(LossSection(), key) for key in spec.recipe_keys)

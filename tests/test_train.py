@@ -22,7 +22,6 @@ from typer.testing import CliRunner
 from rdro_cli.cli import app
 from rdro_cli.lm import batching, completion_head
 from rdro_cli.losses import density_ratio, registry
-from rdro_cli.losses import types as loss_types
 from rdro_cli.recipe import load_recipe
 from rdro_cli.store import checkpoints, integrity
 
@@ -280,7 +279,7 @@ def test_non_finite_loss_stops_naming_the_step(systematic_run, tiny_llama, tmp_p
         output = density_ratio.ddro_loss(logratios, labels)
         return output._replace(losses=output.losses * float("nan")) if poisoned["on"] else output
 
-    monkeypatch.setitem(registry.LOSSES, "ddro", loss_types.LossSpec(ddro_then_nan))
+    monkeypatch.setitem(registry.LOSSES, "ddro", registry.LossSpec(ddro_then_nan))
     _stop_at(monkeypatch, 2, lambda: poisoned.update(on=True))
     out = tmp_path / "train"
     code, _, err = _train(systematic_run, out, tiny_llama, "train.max_steps=6", "train.save_every=2", loss="ddro")

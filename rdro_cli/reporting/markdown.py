@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rdro_cli.losses.registry import LOSSES
 from rdro_cli.reporting.numbers import bound, finite, flatten_numbers, fmt
 from rdro_cli.reporting.plots import ACCURACY, HISTOGRAM, TRAINING_PANELS
 from rdro_cli.reporting.runs import BASELINE_DIR, EvalResult, RunData
@@ -39,9 +40,12 @@ def _recipe_row(run: RunData) -> list[Any]:
     if alpha == "auto" and finite(used):
         alpha = f"auto (= {used:.4g})"
     name = loss.get("name", "")
-    beta = loss.get("beta", "") if name in ("kto", "bco", "dpo") else "–"
-    weighting = loss.get("weighting", "") if name in ("rdro", "") else "–"
-    if name not in ("rdro", ""):
+    # a column shows a value only for a loss that reads that key (its registry entry says which); a run
+    # whose recipe names no loss shows whatever it has
+    keys = LOSSES[name].recipe_keys if name in LOSSES else ("alpha", "weighting", "beta") if name == "" else ()
+    beta = loss.get("beta", "") if "beta" in keys else "–"
+    weighting = loss.get("weighting", "") if "weighting" in keys else "–"
+    if "alpha" not in keys:
         alpha = "–"
     batch = ""
     if train.get("batch_size"):

@@ -18,6 +18,7 @@ from typing import Any
 
 from rdro_cli import __version__
 from rdro_cli.dataprep.sources import SHORT_NAMES
+from rdro_cli.losses.registry import LOSSES
 from rdro_cli.recipe import Recipe
 from rdro_cli.store import manifests
 
@@ -35,21 +36,17 @@ CITATION = f"""@misc{{rdro,
 }}"""
 
 
-# The loss.* keys each objective reads (train's loss arguments); alpha is recorded as resolved.
-LOSS_KEYS = {"rdro": ("alpha", "weighting"), "ddro": (), "kto": ("beta", "desirable_weight", "undesirable_weight"),
-             "bco": ("beta",), "dpo": ("beta",), "pro": ("beta", "pro_alpha", "pro_weighting"),
-             "kldo": ("beta", "kldo_estimator", "kldo_rate"), "bpo": ("beta", "bpo_divergence", "bpo_lam", "bpo_ratio_min"),
-             "pmle": ("pmle_gamma",)}
 
 
 TRAIN_KEYS = ("learning_rate", "batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr_scheduler",
               "warmup_ratio", "weight_decay", "max_grad_norm", "seed")
 
 
-METHOD_NAMES = {"rdro": "RDRO (Relative Density Ratio Optimization)", "ddro": "DDRO (unbounded density ratio)",
-                "kto": "KTO", "bco": "BCO", "dpo": "DPO", "pro": "PRO-B (Proximalized Preference Optimization)",
-                "kldo": "KLDO (KL divergence optimisation)", "bpo": "BPO (Bregman preference optimisation)",
-                "pmle": "preference maximum likelihood"}
+
+
+def _display(method: str) -> str:
+    spec = LOSSES.get(method)
+    return spec.display if spec and spec.display else method
 
 
 def _hub_id(name: str) -> str | None:
@@ -75,8 +72,9 @@ def training_metadata(cfg: Recipe, *, adapter: bool, steps: int, alpha: float | 
     `base_fingerprint` (modeling.model_fingerprint of the policy's initialisation) lets `merge` refuse a base
     with other weights; `reference` ({"name", "fingerprint"}) is the model the reference log-probs came from.
     """
-    loss = {"name": cfg.loss.name, **{k: getattr(cfg.loss, k) for k in LOSS_KEYS[cfg.loss.name]}}
-    if cfg.loss.name == "rdro":
+    spec = LOSSES[cfg.loss.name]  # its keys, with alpha recorded as resolved
+    loss = {"name": cfg.loss.name, **{k: getattr(cfg.loss, k) for k in spec.recipe_keys}}
+    if spec.resolved_alpha:
         loss.update(alpha=alpha, alpha_setting=cfg.loss.alpha)
     rdro = {"version": __version__, "method": cfg.loss.name, "loss": loss,
             "training": {**{k: getattr(cfg.train, k) for k in TRAIN_KEYS}, "steps": steps, "processes": processes},
@@ -181,7 +179,7 @@ def _body(metadata: dict[str, Any], name: str, results) -> str:
             else "a fine-tune of")
     lines = [f"# {name}", ""]
     if method:
-        lines += [f"{what[0].upper()}{what[1:]} {base_text}, trained with **{METHOD_NAMES.get(method, method)}** on binary "
+        lines += [f"{what[0].upper()}{what[1:]} {base_text}, trained with **{_display(method)}** on binary "
                   f"feedback (a thumbs up or down on single completions) by `rdro` {rdro.get('version', '')}.", ""]
     else:
         lines += [f"The LoRA adapter `{rdro.get('merged_from')}` merged into {base_text} by `rdro merge` "

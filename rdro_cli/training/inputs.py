@@ -11,7 +11,7 @@ import torch
 
 from rdro_cli.errors import UserError
 from rdro_cli.lm import batching, fingerprints, throughput
-from rdro_cli.losses.types import LossSpec
+from rdro_cli.losses.registry import UNPAIRED, LossSpec, spoken_list
 from rdro_cli.recipe import Recipe
 from rdro_cli.store import integrity, manifests
 
@@ -77,7 +77,7 @@ def read_inputs(cfg: Recipe, data_dir: Path, logprobs_dir: Path, spec: LossSpec)
                                      rerun="rdro logprobs")
     if spec.needs_pairs and not data_manifest.get("paired"):
         raise UserError(f"{data_dir}: {cfg.loss.name} needs paired data (prompt/chosen/rejected); this dataset "
-                        f"is unpaired; use loss.name = rdro, ddro, kto, bco, pro or kldo, or prepare a paired dataset")
+                        f"is unpaired; use loss.name = {spoken_list(UNPAIRED)}, or prepare a paired dataset")
     return data_manifest, logprobs_manifest
 
 

@@ -14,7 +14,8 @@ import torch
 
 from rdro_cli.errors import UserError
 from rdro_cli.lm import batching, throughput
-from rdro_cli.losses import kldo, kto_bco
+from rdro_cli.losses import kto_bco
+from rdro_cli.losses import state as loss_state
 from rdro_cli.store import checkpoints
 from rdro_cli.training import tracking
 from rdro_cli.training.setup import Session
@@ -67,17 +68,7 @@ def _micro_step(session: Session, rows: np.ndarray, loss_scale: float) -> dict:
     logratios = session.policy(groups)[restore] - rows_data.ref_logps[index].to(accelerator.device)
     labels = torch.from_numpy(rows_data.label[rows]).to(accelerator.device)
     gathered = accelerator.gather(torch.stack([logratios.detach(), labels.float()], dim=1))
-    if spec.state == "bco_delta":  # BCO: delta includes this global batch before the loss
-        state = session.state
-        state.bco_delta, state.bco_count = kto_bco.bco_update_delta(
-            state.bco_delta, state.bco_count, kwargs["beta"] * gathered[:, 0])
-        kwargs["delta"] = state.bco_delta
-    if spec.state == "kldo_ema":  # KLDO: m includes this global batch; its statistics come from all rows
-        batch_labels = gathered[:, 1].bool()
-        if kwargs["estimator"] == "ma":
-            session.state.kldo_ema = kldo.kldo_update_ema(
-                session.state.kldo_ema, kwargs["beta"] * gathered[~batch_labels, 0], rate=session.cfg.loss.kldo_rate)
-        kwargs.update(ema=session.state.kldo_ema, batch_logratios=gathered[:, 0], batch_labels=batch_labels)
+    loss_state.before_loss(spec, session.state, kwargs, gathered, session.cfg.loss)  # BCO's delta, KLDO's m
     if spec.needs_pairs:
         half = len(rows) // 2
         output = spec.fn(logratios[:half], logratios[half:], **kwargs)
@@ -125,10 +116,7 @@ def _optimizer_step(session: Session, units: np.ndarray) -> dict:
     stat_kwargs = dict(session.loss_kwargs)
     if session.spec.needs_kl:
         stat_kwargs["kl_ref_point"] = torch.stack([m["kl_ref_point"] for m in micro]).mean()
-    if session.spec.state == "bco_delta":
-        stat_kwargs["delta"] = session.state.bco_delta
-    if session.spec.state == "kldo_ema":
-        stat_kwargs["ema"] = session.state.kldo_ema
+    loss_state.for_statistics(session.spec, session.state, stat_kwargs)
     if session.spec.needs_pairs:
         stats = session.spec.fn(logratios[labels], logratios[~labels], **stat_kwargs).stats
     else:
@@ -149,7 +137,7 @@ def train_loop(session: Session, progress, task) -> None:
             epoch_progress = state.epoch + state.position / session.steps_per_epoch
             if state.position == session.steps_per_epoch:
                 state.epoch, state.position = state.epoch + 1, 0
-                state.kldo_ema = 0.0  # KLDO's authors restart the moving average every epoch
+                loss_state.at_epoch_end(session.spec, state)  # KLDO's authors restart its moving average
             seconds, tokens = max(time.perf_counter() - began, 1e-9), record.pop("tokens")
             tokens_per_s, mfu = tokens / seconds, throughput.step_mfu(session.mfu_scale, tokens, seconds)
             row = {"step": state.step, "epoch": round(epoch_progress, 6), "tokens_per_s": round(tokens_per_s, 1),

@@ -12,7 +12,7 @@ from rdro_cli.errors import UserError
 from rdro_cli.lm import loading
 from rdro_cli.lm.peft_compat import building_peft_model
 from rdro_cli.losses import density_ratio, registry
-from rdro_cli.losses.types import LossSpec
+from rdro_cli.losses.registry import LOSSES, LossSpec
 from rdro_cli.recipe import Recipe
 from rdro_cli.store import checkpoints
 from rdro_cli.training import tracking
@@ -132,29 +132,12 @@ def make_optimizer(cfg: Recipe, model, accelerator_kind: str) -> torch.optim.Ada
 
 
 def static_loss_kwargs(cfg: Recipe, alpha: float | None, preferred_fraction: float | None) -> dict:
-    name = cfg.loss.name
-    if name == "rdro":
-        return {"alpha": alpha, "weighting": cfg.loss.weighting, "preferred_fraction": preferred_fraction}
-    if name == "kto":
-        return {"beta": cfg.loss.beta, "desirable_weight": cfg.loss.desirable_weight,
-                "undesirable_weight": cfg.loss.undesirable_weight}
-    if name in ("bco", "dpo"):
-        return {"beta": cfg.loss.beta}
-    if name == "pro":
-        return {"beta": cfg.loss.beta, "alpha": cfg.loss.pro_alpha, "weighting": cfg.loss.pro_weighting,
-                "preferred_fraction": preferred_fraction}
-    if name == "kldo":
-        return {"beta": cfg.loss.beta, "estimator": cfg.loss.kldo_estimator}
-    if name == "bpo":
-        return {"beta": cfg.loss.beta, "divergence": cfg.loss.bpo_divergence, "lam": cfg.loss.bpo_lam,
-                "ratio_min": cfg.loss.bpo_ratio_min}
-    if name == "pmle":
-        return {"gamma": cfg.loss.pmle_gamma}
-    return {}
+    """The loss function's fixed arguments, as its registry entry maps the recipe's `loss.*` keys."""
+    return LOSSES[cfg.loss.name].kwargs(cfg.loss, alpha=alpha, preferred_fraction=preferred_fraction)
 
 
 def resolve_loss_alpha(cfg: Recipe, preferred_fraction: float | None) -> float | None:
-    if cfg.loss.name != "rdro":
+    if not LOSSES[cfg.loss.name].resolved_alpha:
         return None
     try:
         return density_ratio.resolve_alpha(cfg.loss.alpha, preferred_fraction)
