@@ -32,7 +32,7 @@ from rich.markup import escape
 
 from rdro_cli import __version__
 from rdro_cli.errors import UserError
-from rdro_cli.losses.registry import spoken_list
+from rdro_cli.recipe import field_help
 
 
 class _FlagHelp:
@@ -175,6 +175,14 @@ def _command(name: str | None = None, *, examples: list[str]):
     return register
 
 
+def _about(key: str, lead: str = "") -> str:
+    """A flag's help: what the flag is to this command (when the recipe's words need it), then the recipe
+    field's own documentation and its key, so the two never disagree."""
+    section, name = key.split(".")
+    text = f"{lead}{field_help(section, name)}"
+    return f"{text[0].upper()}{text[1:]} (sets {key})."
+
+
 RecipeOpt = typer.Option(None, "--recipe", "-r", help="TOML recipe file (see recipes/).", exists=False)
 SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe value: section.key=value (repeatable).")
 # Plain on/off flags: no recipe key sets them, so a --no-force form would have nothing to switch off.
@@ -289,20 +297,14 @@ def prepare(
     recipe: Path = RecipeOpt,
     sets: list[str] = SetOpt,
     dataset: str = typer.Option(None, "--dataset", "-d",
-                                help="mix14k, ufg, demo, a hub id, or a local .jsonl/.json/.parquet/.csv file "
-                                     "or save_to_disk dir (data.dataset)."),
-    model: str = typer.Option(None, "--model", "-m", help="Model whose tokenizer and chat template to use "
-                                                          "(model.name)."),
+                                help=_about("data.dataset")),
+    model: str = typer.Option(None, "--model", "-m", help=_about("model.name", "the model whose tokenizer and chat template prepare uses; ")),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: <output.dir>/data)."),
-    max_length: int = typer.Option(None, help="Max prompt+completion tokens (data.max_length)."),
-    max_prompt_length: int = typer.Option(None, help="Max prompt tokens; prompts keep their end "
-                                                     "(data.max_prompt_length)."),
-    test_fraction: float = typer.Option(None, help="Held-out fraction when the source has no test split "
-                                                   "(data.test_fraction, default 0.05)."),
-    limit: int = typer.Option(None, help="Keep the first N source rows of each split, in file order "
-                                         "(data.limit)."),
-    chat_template: str = typer.Option(None, help="Chat template file for tokenizers without one "
-                                                 "(model.chat_template)."),
+    max_length: int = typer.Option(None, help=_about("data.max_length")),
+    max_prompt_length: int = typer.Option(None, help=_about("data.max_prompt_length")),
+    test_fraction: float = typer.Option(None, help=_about("data.test_fraction")),
+    limit: int = typer.Option(None, help=_about("data.limit")),
+    chat_template: str = typer.Option(None, help=_about("model.chat_template")),
     force: bool = ForceOpt,
 ) -> None:
     """Tokenise a feedback dataset with an exact prompt/completion boundary -> <run>/data."""
@@ -318,10 +320,9 @@ def logprobs(
     recipe: Path = RecipeOpt,
     sets: list[str] = SetOpt,
     data: Path = typer.Option(None, "--data", help="prepare output (default: <output.dir>/data)."),
-    model: str = typer.Option(None, "--model", "-m", help="Reference model (model.ref_name; default model.name)."),
+    model: str = typer.Option(None, "--model", "-m", help=_about("model.ref_name")),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: <output.dir>/logprobs)."),
-    max_tokens_per_batch: int = typer.Option(None, help="Token budget per batch, rows x longest row "
-                                                        "(sets logprobs.max_tokens_per_batch)."),
+    max_tokens_per_batch: int = typer.Option(None, help=_about("logprobs.max_tokens_per_batch")),
     force: bool = ForceOpt,
 ) -> None:
     """Reference log-probs of every completion, once, in bulk -> <run>/logprobs."""
@@ -339,10 +340,10 @@ def train(
     data: Path = typer.Option(None, "--data", help="prepare output (default: <output.dir>/data)."),
     logprobs_dir: Path = typer.Option(None, "--logprobs", help="logprobs output "
                                                                "(default: <output.dir>/logprobs)."),
-    model: str = typer.Option(None, "--model", "-m", help="Policy initialisation (model.name)."),
-    loss: str = typer.Option(None, "--loss", help=f"{spoken_list()} (loss.name)."),
+    model: str = typer.Option(None, "--model", "-m", help=_about("model.name")),
+    loss: str = typer.Option(None, "--loss", help=_about("loss.name")),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: <output.dir>/train)."),
-    max_steps: int = typer.Option(None, help="Stop after N optimizer steps (train.max_steps)."),
+    max_steps: int = typer.Option(None, help=_about("train.max_steps")),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint."),
     force: bool = ForceOpt,
 ) -> None:
@@ -359,7 +360,7 @@ def merge(
     recipe: Path = RecipeOpt,
     sets: list[str] = SetOpt,
     adapter: Path = typer.Option(None, "--adapter", help="LoRA adapter dir (default: <output.dir>/train/final)."),
-    base: str = typer.Option(None, "--base", help="Base model (default: the adapter's base, model.name)."),
+    base: str = typer.Option(None, "--base", help=_about("model.name", "the base model to merge into (default: the base the adapter records); ")),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: <output.dir>/merged)."),
     force: bool = ForceOpt,
 ) -> None:
@@ -373,14 +374,13 @@ def merge(
 def eval_(
     recipe: Path = RecipeOpt,
     sets: list[str] = SetOpt,
-    model: str = typer.Option(None, "--model", "-m", help="Model dir to evaluate (eval.model)."),
-    tasks: str = typer.Option(None, "--tasks", help="Comma list: preference, generate, exact_match, bbh "
-                                                    "(eval.tasks)."),
+    model: str = typer.Option(None, "--model", "-m", help=_about("eval.model")),
+    tasks: str = typer.Option(None, "--tasks", help=_about("eval.tasks", "a comma list of ")),
     data: Path = typer.Option(None, "--data", help="prepare output (default: <output.dir>/data)."),
     logprobs_dir: Path = typer.Option(None, "--logprobs", help="logprobs output "
                                                                "(default: <output.dir>/logprobs)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: <output.dir>/eval)."),
-    limit: int = typer.Option(None, "--limit", help="At most N examples per task (eval.limit)."),
+    limit: int = typer.Option(None, "--limit", help=_about("eval.limit")),
     force: bool = ForceOpt,
 ) -> None:
     """Evaluate a model: preference AUC, generations, exact match, BBH -> <run>/eval/eval.json."""

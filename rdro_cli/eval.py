@@ -31,15 +31,7 @@ from pathlib import Path
 
 from rdro_cli.errors import UserError
 from rdro_cli.evaluation.models import check_model, load_eval_model, provenance_warnings, resolve_model
-from rdro_cli.evaluation.tasks import (
-    READERS,
-    eval_bbh,
-    eval_exact_match,
-    eval_generate,
-    eval_preference,
-    examples,
-    generator_name,
-)
+from rdro_cli.evaluation.tasks import TASKS, examples, generator_name
 from rdro_cli.recipe import Recipe
 from rdro_cli.store import digests, diskspace, durable, manifests, outputs
 
@@ -90,7 +82,7 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
     inputs = check_model(model_name, cfg)
     payloads = {}
     for task in tasks:
-        payloads[task], task_inputs = READERS[task](cfg, data, logprobs)
+        payloads[task], task_inputs = TASKS[task].read(cfg, data, logprobs)
         inputs.update(task_inputs)
     warnings = provenance_warnings(model_name, inputs)
     for warning in warnings:
@@ -107,15 +99,13 @@ def run(cfg: Recipe, *, data: Path | None = None, logprobs: Path | None = None, 
 
         require_tokenizer(tokenizer, payloads["preference"]["tokenizer"], model=model_name,
                           data=data or cfg.run_dir / "data")
-    runners = {"preference": eval_preference, "generate": eval_generate, "exact_match": eval_exact_match,
-               "bbh": eval_bbh}
     results = {}
     # eval writes per-example records: a few KiB per example is a generous estimate
     need = 4096 * sum(examples(task, payload) for task, payload in payloads.items()) + 16384  # + manifest
     with diskspace.writing(out, need), durable.atomic_dir(out) as tmp:
         for task in tasks:
             extra = {"generator": generator_name(model_name)} if task == "generate" else {}
-            results[task] = runners[task](model, tokenizer, payloads[task], cfg, tmp, **extra)
+            results[task] = TASKS[task].run(model, tokenizer, payloads[task], cfg, tmp, **extra)
         (tmp / "eval.json").write_text(json.dumps({"model": model_name, "tasks": results,
                                                    **({"warnings": warnings} if warnings else {})}, indent=2)
                                        + "\n", encoding="utf-8")

@@ -19,7 +19,8 @@ from rdro_cli.lm import fingerprints, loading
 from rdro_cli.lm.loading import ADAPTER_CONFIG, TOKENIZER_FILES
 from rdro_cli.lm.peft_compat import building_peft_model
 from rdro_cli.recipe import Recipe
-from rdro_cli.store import digests, diskspace, durable, manifests, model_card, outputs
+from rdro_cli.store import digests, diskspace, durable, manifests, outputs
+from rdro_cli.training import model_card
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rdro_cli.errors import UserError
-from rdro_cli.losses.registry import NAMES
+from rdro_cli.losses.registry import NAMES, spoken_list
 
 try:
     import tomllib
@@ -109,7 +109,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    dataset: str = _opt("", "mix14k, ufg, demo, a hub id, a .jsonl/.json/.parquet/.csv file or a save_to_disk dir")
+    dataset: str = _opt("", "the dataset: mix14k, ufg, demo, a hub id, a .jsonl/.json/.parquet/.csv file or a save_to_disk dir")
     max_length: int = _opt(1024, "max tokens of prompt + completion", check=lambda v: None if v >= 2 else "must be >= 2")
     max_prompt_length: int = _opt(512, "max prompt tokens (prompts keep their end)", check=_positive)
     test_fraction: float = _opt(0.05, "held-out fraction when the source has no test split", check=_open_unit)
@@ -126,7 +126,7 @@ class DataSection:
 
 @dataclass
 class LossSection:
-    name: str = _opt("rdro", "objective", choices=LOSS_NAMES)
+    name: str = _opt("rdro", f"the objective: {spoken_list()} (docs/losses.md)", choices=LOSS_NAMES)
     alpha: Any = _opt("auto", 'RDRO mixture weight in (0, 1), or "auto" = preferred fraction', check=_alpha)
     weighting: str = _opt("batch", "RDRO reduction: batch (published) or balanced (consistent)",
                           choices=("batch", "balanced"))
@@ -199,7 +199,7 @@ class LoraSection:
 
 @dataclass
 class EvalSection:
-    tasks: list[str] = _opt(["preference"], "tasks to run", choices=EVAL_TASKS)
+    tasks: list[str] = _opt(["preference"], "tasks to run: preference, generate, exact_match, bbh", choices=EVAL_TASKS)
     model: str = _opt("", "model dir to evaluate (default: <run>/merged, else <run>/train/final)")
     exact_match_file: str = _opt("", "JSONL of {prompt, answer} for exact_match")
     answer_pattern: str = _opt("", "regex with one group extracting the answer (empty = whole output)")

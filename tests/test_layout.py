@@ -3,6 +3,8 @@
 Parses every module of `rdro_cli` (imports inside functions too) and checks that
 - there is no import cycle between modules (a lazy import inside a function counts: it only hides a cycle);
 - no library module (anything in a folder) imports a command module, and no command imports another;
+- the library folders are layered: store/ (what is on disk) imports no other library; lm/, dataprep/ and
+  losses/ build on store/; training/, evaluation/ and reporting/ on those (reporting reads eval's scoring);
 - the frame (`cli`, `recipe`, `errors`, `progress`) imports no command and no library but what it names
   here, so `rdro validate` and `--help` stay free of torch;
 - no module is longer than its limit unless its docstring says why it reads best whole.
@@ -107,6 +109,29 @@ def test_imports_flow_down_from_the_commands():
                     problems.append(f"command {name} imports command {target}")
                 elif name != "cli":
                     problems.append(f"{name} imports command {target}")
+    assert not problems, problems
+
+
+# the library folders (and the frame) each folder may import, besides itself
+LAYERS = {"store": {"errors"},
+          "lm": {"store", "errors", "progress", "recipe"},
+          "dataprep": {"store", "errors", "progress", "recipe"},
+          "losses": {"errors"},
+          "training": {"store", "lm", "dataprep", "losses", "errors", "progress", "recipe"},
+          "evaluation": {"store", "lm", "dataprep", "losses", "errors", "progress", "recipe"},
+          "reporting": {"store", "evaluation", "losses", "errors", "progress", "recipe"}}
+
+
+def test_library_folders_are_layered():
+    problems = []
+    for name, imported in _graph().items():
+        folder = name.split(".")[0]
+        if folder not in LAYERS:
+            continue
+        for target in imported:
+            other = target.split(".")[0]
+            if other != folder and other not in LAYERS[folder]:
+                problems.append(f"{name} imports {target}")
     assert not problems, problems
 
 

@@ -10,7 +10,7 @@ from conftest import systematic_rows, write_jsonl
 from huggingface_hub import ModelCard
 
 from rdro_cli.recipe import load_recipe
-from rdro_cli.store import model_card
+from rdro_cli.training import model_card
 
 HUB_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

@@ -23,7 +23,8 @@ from rdro_cli.cli import app
 from rdro_cli.lm import batching, completion_head
 from rdro_cli.losses import density_ratio, registry
 from rdro_cli.recipe import load_recipe
-from rdro_cli.store import checkpoints, integrity
+from rdro_cli.store import integrity
+from rdro_cli.training import checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON = ["model.dtype=float32", "train.learning_rate=1e-3", "train.batch_size=8", "train.warmup_ratio=0.1"]

@@ -11,7 +11,7 @@ import pytest
 from conftest import systematic_rows, write_jsonl
 from test_train import COMMON, _cli, _metrics, _train  # one CLI-driving helper set for train tests
 
-from rdro_cli.store import checkpoints
+from rdro_cli.training import checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,7 @@
-"""evaluation.models (moved)"""
+"""Which model eval scores and how it is loaded: eval.model, else `<run>/merged` (when made from the current
+adapter), else `<run>/train/final`; an adapter on its base; its input fingerprints; and the provenance
+warnings (trained on other data or against other reference log-probs than eval is given).
+"""
 
 from __future__ import annotations
 
@@ -123,5 +126,3 @@ def load_eval_model(name: str, cfg: Recipe):
     return model, tokenizer
 
 
-def device_of(model) -> torch.device:
-    return next(model.parameters()).device

@@ -1,4 +1,7 @@
-"""evaluation.scoring (moved)"""
+"""Pure scoring: the AUC of the log-ratio (Mann–Whitney, ties count half), pair accuracy, the preference
+numbers of eval.json, and answer extraction for exact match and BIG-Bench Hard. numpy only, so `report` stays
+free of torch.
+"""
 
 from __future__ import annotations
 

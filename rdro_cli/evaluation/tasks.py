@@ -1,19 +1,23 @@
-"""evaluation.tasks (moved)"""
+"""eval's tasks, each a reader (what it needs from disk, and the fingerprints of it) and a runner (the
+numbers and files it writes): preference, generate, exact_match and bbh; see `rdro_cli/eval.py` for what
+each measures. `TASKS` is the one table of them.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from rdro_cli.errors import UserError
-from rdro_cli.evaluation import tasks as eval_tasks
-from rdro_cli.evaluation.models import device_of
 from rdro_cli.evaluation.scoring import bbh_correct, extract_answer, preference_metrics
 from rdro_cli.lm import generation
+from rdro_cli.lm.loading import device_of
 from rdro_cli.recipe import Recipe
 from rdro_cli.store import digests, manifests
 
@@ -108,7 +112,7 @@ def read_exact_match(cfg: Recipe, data: Path | None, logprobs: Path | None) -> t
     if not path.is_file():
         raise UserError(f"{path}: exact_match file not found (eval.exact_match_file)")
     rows = []
-    for number, row in eval_tasks.read_jsonl(path):
+    for number, row in read_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
             raise UserError(f'{path}:{number}: expected {{"prompt": "...", "answer": ...}}')
         rows.append({"prompt": row["prompt"], "answer": str(row["answer"])})
@@ -170,10 +174,6 @@ def _read_json(path: Path, key: str):
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
-
-
-READERS = {"preference": read_preference, "generate": read_generate, "exact_match": read_exact_match,
-           "bbh": read_bbh}
 
 
 def policy_logps(model, rows: dict, pad_id: int, cfg: Recipe) -> torch.Tensor:
@@ -277,3 +277,16 @@ def examples(task: str, payload) -> int:
     if task == "bbh":
         return sum(len(t["examples"]) for t in payload.values())
     return len(payload)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One eval task: `read(cfg, data, logprobs) -> (payload, input fingerprints)` and
+    `run(model, tokenizer, payload, cfg, out, **extra) -> results` (eval.json's entry)."""
+
+    read: Callable
+    run: Callable
+
+
+TASKS = {"preference": Task(read_preference, eval_preference), "generate": Task(read_generate, eval_generate),
+         "exact_match": Task(read_exact_match, eval_exact_match), "bbh": Task(read_bbh, eval_bbh)}

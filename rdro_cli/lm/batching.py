@@ -1,4 +1,8 @@
-"""lm.batching (moved)"""
+"""Batches of token rows: token-budget batches over length-sorted rows, length groups inside a micro-batch
+(split only where the padding saved is worth one more forward), right-padded collation with the completion
+mask, KTO's mismatched prompt/completion ids, length buckets, and packing rows into one with restarting
+position ids.
+"""
 
 from __future__ import annotations
 

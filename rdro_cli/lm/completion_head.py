@@ -1,4 +1,13 @@
-"""lm.completion_head (moved)"""
+"""The chunked completion log-prob head shared by logprobs, train and eval.
+
+The number every stage needs is docs/design.md §1's ``s = Σ_t log π(y_t | x, y_<t)`` over completion tokens.
+``completion_logps`` computes it without a ``[batch, seq, vocab]`` tensor: it runs the transformer body,
+keeps the hidden states only at the N positions that predict completion tokens, and applies the LM head to
+``chunk_size`` of them at a time (log-softmax in float32 per chunk). With gradients it goes through
+``_ChunkedHeadLogps``, whose backward recomputes each chunk's logits, so training memory stays
+O(chunk_size × vocab) instead of O(N × vocab). A packed batch's path is checked against the padded one once
+per model.
+"""
 
 from __future__ import annotations
 

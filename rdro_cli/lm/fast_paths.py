@@ -1,4 +1,6 @@
-"""lm.fast_paths (moved)"""
+"""Optional fast paths: packing rows into one (`train.packing`: when the installed transformers and attention
+implementation make it exact and worth it) and compiling the transformer body (`train.compile`).
+"""
 
 from __future__ import annotations
 

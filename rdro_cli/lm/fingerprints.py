@@ -1,4 +1,7 @@
-"""lm.fingerprints (moved)"""
+"""Model and tokenizer fingerprints: what decides their outputs (config and weight digests; the tokenizer's
+vocabulary, special tokens and template), so stages can refuse artifacts made with another model by content,
+not by name.
+"""
 
 from __future__ import annotations
 

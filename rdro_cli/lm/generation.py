@@ -1,11 +1,13 @@
-"""lm.generation (moved)"""
+"""Generation for eval: the chat template around a prompt, and batched generation with left padding (greedy
+unless eval.do_sample), sorted by length.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from rdro_cli.errors import UserError
-from rdro_cli.evaluation.models import device_of
+from rdro_cli.lm.loading import device_of
 from rdro_cli.recipe import Recipe
 
 

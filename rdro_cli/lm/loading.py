@@ -1,4 +1,6 @@
-"""lm.loading (moved)"""
+"""Loading models and tokenizers: hub ids (offline: a clear one-line error) or local directories, safetensors
+only unless `model.allow_pickle`, the recipe's chat template, and the dtype for the device.
+"""
 
 from __future__ import annotations
 
@@ -163,3 +165,8 @@ def load_error_message(what: str, name: str, exc: BaseException) -> str:
         f"cannot load {what} {name!r} from the Hugging Face Hub ({where}; no local directory of that name "
         f"exists either): pass a local directory with the model files instead ({reason})"
     )
+
+
+def device_of(model) -> torch.device:
+    """The device a loaded model's (first) parameters sit on."""
+    return next(model.parameters()).device

@@ -1,4 +1,6 @@
-"""losses.common (moved)"""
+"""What the unpaired losses share: masked class means, the log-ratio statistics every loss logs, and class
+weighting (`batch` or `balanced`).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""losses.density_ratio (moved)"""
+"""Density-ratio losses: RDRO (the relative density ratio, bounded by log(1/alpha)) and DDRO (the unbounded
+ratio p+/p-), with alpha's "auto" resolution (docs/losses.md).
+
+Every loss is a pure function of log-ratios ``r = s_pol - s_ref`` and boolean labels (True = preferred); it
+returns per-example losses, already weighted, whose plain mean is the objective, plus detached statistics.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""losses.kldo (moved)"""
+"""KLDO: the Donsker–Varadhan bound of KL(p+ || p-) over the global batch, and its moving average (docs/losses.md).
+"""
 
 from __future__ import annotations
 

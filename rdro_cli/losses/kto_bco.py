@@ -1,4 +1,6 @@
-"""losses.kto_bco (moved)"""
+"""KTO (with its batch reference point from mismatched pairs) and BCO (a binary classifier on beta * r with a
+running mean delta) (docs/losses.md).
+"""
 
 from __future__ import annotations
 

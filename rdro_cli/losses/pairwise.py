@@ -1,4 +1,8 @@
-"""losses.pairwise (moved)"""
+"""Pair losses: DPO, the BPO family and preference maximum likelihood (docs/losses.md).
+
+Each takes the chosen and rejected rows' log-ratios ``r_w, r_l`` (``r = s_pol - s_ref``; for the
+reference-free ``pmle`` the training loop passes ``s_pol`` itself) and returns one loss per pair.
+"""
 
 from __future__ import annotations
 

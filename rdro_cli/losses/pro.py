@@ -1,4 +1,5 @@
-"""losses.pro (moved)"""
+"""PRO-B, proximalized preference optimisation on binary feedback (docs/losses.md).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""reporting.markdown (moved)"""
+"""report.md: the runs and their recipes (each loss's columns from its registry entry), the final training
+metrics, the eval numbers before and after, and the figures.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""reporting.numbers (moved)"""
+"""report's numbers: finite-value filtering, metric series, the smoothing that plots use (an EMA whose weight
+grows with the run's length), the accuracies and the AUC an eval.json records. The AUC itself is computed once,
+by `evaluation.scoring.auc`, when eval runs.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""reporting.plots (moved)"""
+"""report's figures: training curves (several runs overlaid), test-split log-ratio histograms and per-task
+accuracy bars, drawn through matplotlib's Agg canvas directly (no pyplot, so no global backend state) and
+saved atomically. matplotlib is an optional extra (`rdro-cli[report]`), imported only when a report is drawn.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""reporting.runs (moved)"""
+"""What `rdro report` reads of a run: `<run>/train/metrics.jsonl` (also while training still runs), the train
+manifest (else `train/final/recipe.toml`) for the recipe, `<run>/eval/eval.json` and the before-training eval
+(`<run>/eval-base`, or `--baseline`). A finished run's files are checked against their manifest's digests
+first. Never loads a model.
+"""
 
 from __future__ import annotations
 

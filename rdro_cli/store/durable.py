@@ -1,4 +1,7 @@
-"""store.durable (moved)"""
+"""Durable writes: fsync of files and directories, atomic file and directory replacement (a killed stage never
+leaves a directory that looks done), recovery of the last good artifact after a crash between the two renames
+of a replacement, and removal of dead processes' temporary siblings.
+"""
 
 from __future__ import annotations
 

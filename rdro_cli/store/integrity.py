@@ -1,4 +1,10 @@
-"""store.integrity (moved)"""
+"""Integrity: the bytes a stage published are the bytes its consumers read.
+
+Every manifest lists the files its stage published with their size and a content digest (xxh3-128, see
+store.digests). The manifest seals itself: `manifest_digest` is the sha256 of its own canonical text without
+that key, and the file must be byte-for-byte that canonical text, so any change to any byte of it is noticed.
+Training checkpoints record their files the same way in `state.json`. Also: finding NaN/inf rows.
+"""
 
 from __future__ import annotations
 

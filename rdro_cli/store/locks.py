@@ -1,4 +1,6 @@
-"""store.locks (moved)"""
+"""One writer per output: an advisory lock beside each output directory, named after its holder (PID, stage,
+since), removed on release.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""store.manifests (moved)"""
+"""Manifests: a stage directory counts as finished only when its `manifest.json` exists (written last, sealed
+by store.integrity). Reading and writing them, requiring a finished upstream input, checking recorded inputs
+against the ones at hand, and `is_done` (same fingerprint, intact files).
+"""
 
 from __future__ import annotations
 

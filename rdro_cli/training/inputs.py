@@ -1,4 +1,7 @@
-"""training.inputs (moved)"""
+"""The training split as the loop needs it: token ids (memory-mapped), labels, reference log-probs, pairs for the
+pair losses, KTO's mismatched pairs; and the checks on the inputs train reads (their manifests, the
+reference log-probs' model, the vocabulary).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""training.loop (moved)"""
+"""The training loop: which units each optimizer step takes, a micro-step's forward/loss/backward, an optimizer
+step with clipping and its metrics, and the loop with its stop requests (SIGINT/SIGTERM finish the step,
+checkpoint and stop), metrics rows, trackers and checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +19,7 @@ from rdro_cli.errors import UserError
 from rdro_cli.lm import batching, throughput
 from rdro_cli.losses import kto_bco
 from rdro_cli.losses import state as loss_state
-from rdro_cli.store import checkpoints
-from rdro_cli.training import tracking
+from rdro_cli.training import checkpoints, tracking
 from rdro_cli.training.setup import Session
 
 

@@ -1,4 +1,7 @@
-"""training.setup (moved)"""
+"""What train sets up before its loop: the run's identity (what decides the weights, so --resume can refuse
+anything else), the accelerator, the policy (full weights or LoRA, fresh or from a checkpoint), the optimizer,
+the learning-rate schedule and the loss's fixed arguments (from its registry entry).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,7 @@ from rdro_cli.lm.peft_compat import building_peft_model
 from rdro_cli.losses import density_ratio, registry
 from rdro_cli.losses.registry import LOSSES, LossSpec
 from rdro_cli.recipe import Recipe
-from rdro_cli.store import checkpoints
-from rdro_cli.training import tracking
+from rdro_cli.training import checkpoints, tracking
 from rdro_cli.training.inputs import TrainRows
 
 # train.* keys that do not change the trained weights: a run may resume with different values

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from rdro_cli.errors import UserError
-from rdro_cli.store import digests, diskspace, durable, integrity, manifests, model_card
+from rdro_cli.store import digests, diskspace, durable, integrity, manifests
+from rdro_cli.training import model_card
 
 CHECKPOINT = re.compile(r"^step-(\d{7})$")
 
