@@ -40,8 +40,8 @@ from rdro_cli.progress import console
 from rdro_cli.recipe import Recipe
 from rdro_cli.store import manifests, outputs
 from rdro_cli.training import checkpoints, tracking
+from rdro_cli.training import loop as training_loop
 from rdro_cli.training.inputs import TrainRows, check_reference, check_vocab, load_rows, read_inputs
-from rdro_cli.training.loop import train_loop
 from rdro_cli.training.setup import (
     Session,
     identity_of,
@@ -192,7 +192,7 @@ def loop(session: Session) -> None:
         with progress:
             task = progress.add_task(f"train {cfg.loss.name}", total=session.total_steps,
                                      completed=session.state.step, loss="", speed="")
-            train_loop(session, progress, task)
+            training_loop.train_loop(session, progress, task)
     finally:
         tracking.finish(accelerator)
 
