@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--old", default="1320377")
     parser.add_argument("--new", default="HEAD")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=0, help="train.max_steps for the timed runs (0: the recipe's 150)")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "side-by-side")
     args = parser.parse_args()
     workdir = args.workdir.resolve()
@@ -74,13 +75,16 @@ def main() -> None:
         for label, src in trees.items():
             run = src.parent / "run"
             out = src.parent / f"train-{repeat}"
+            steps = ["--max-steps", str(args.steps)] if args.steps else []
             seconds, text = _rdro(src, "train", *common, "--set", f"output.dir={json.dumps(str(run))}", "--out",
-                                  str(out), "--force", log=src.parent / f"train-{repeat}.log")
+                                  str(out), "--force", *steps, log=src.parent / f"train-{repeat}.log")
             rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            rates = [float(m) for m in re.findall(r"([\d.]+)/s elapsed", text)]
+            # the loop's own time: the progress bar's (old) or the plain progress line's (new) elapsed clock
+            clocks = re.findall(r"(?:elapsed |\d+/\d+ )(\d+):(\d\d):(\d\d)", text)
+            loop_s = [int(h) * 3600 + int(m) * 60 + int(sec) for h, m, sec in clocks]
             result = {"commit": label, "repeat": repeat, "train_wall_s": round(seconds, 1),
                       "steps": rows[-1]["step"], "final_loss": rows[-1]["loss"],
-                      "loop_steps_per_s": rates[-1] if rates else None,
+                      "loop_s": max(loop_s) if loop_s else None,
                       "load_avg_1m": os.getloadavg()[0]}
             results.append(result)
             print(json.dumps(result), file=sys.stderr)
