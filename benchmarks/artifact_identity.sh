@@ -12,6 +12,8 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$REPO/.venv/bin/python}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/rdro-identity.XXXXXX")
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RDRO_CACHE_DIR="$WORK/cache"
+# peft writes adapter_config.json's target_modules from a set: its order follows the string hash seed
+export PYTHONHASHSEED=0
 tree() {  # $1 = commit or "" (working tree) -> directory holding its rdro_cli
     if [ -z "$1" ]; then echo "$REPO"; return; fi
     mkdir -p "$WORK/src-$1" && git -C "$REPO" archive "$1" | tar -x -C "$WORK/src-$1" && echo "$WORK/src-$1"
