@@ -151,8 +151,9 @@ def open_output(out: Path, identity: dict, total_steps: int, *, resume: bool, fo
         if (out / "final").exists():  # a model is here: starting over would silently replace it
             what = f"a finished run of {manifest.get('counts', {}).get('steps')} steps" if finished \
                 else "a run with a final/ model"
-            raise UserError(f"{out}: holds {what} but no checkpoint to continue from (checkpoints/ is empty: "
-                            f"train.save_every = 0, or it was deleted), so --resume cannot train it further; "
+            raise UserError(f"{out}: holds {what} but no checkpoint to continue from (no complete "
+                            f"checkpoint in checkpoints/: train.save_every = 0, or it was deleted), so --resume cannot "
+                            f"train it further; "
                             f"pass --force to retrain from scratch (this replaces {out / 'final'}), or keep "
                             f"checkpoints/ next time (train.keep_checkpoints >= 1)")
         note = f"train: --resume found no checkpoint in {out}; starting from step 0" if has_anything \
