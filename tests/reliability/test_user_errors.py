@@ -128,7 +128,7 @@ def test_a_name_too_long_met_inside_a_stage_is_one_line(cli, tmp_path, monkeypat
 def test_ctrl_c_while_prepare_workers_run_is_one_line_and_exit_130(tmp_path, tiny_llama):
     """What a terminal does on Ctrl-C: SIGINT to the whole foreground process group, map's workers included."""
     with (tmp_path / "rows.jsonl").open("w") as handle:
-        for i in range(40000):
+        for i in range(80000):  # long enough that the map is still running when the signal lands
             handle.write(json.dumps({"prompt": f"question {i} " + "what is the answer " * 6,
                                      "completion": "yes good answer " * 8, "label": i % 2 == 0}) + "\n")
     out = tmp_path / "data"
@@ -147,7 +147,7 @@ def test_ctrl_c_while_prepare_workers_run_is_one_line_and_exit_130(tmp_path, tin
         while not list(tmp_path.glob("data.tmp-work*-[0-9]*/tmp*")):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
-        time.sleep(0.5)
+        time.sleep(0.2)
         assert proc.poll() is None, "prepare finished before the interrupt: make the dataset larger"
         os.killpg(proc.pid, signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
@@ -155,7 +155,7 @@ def test_ctrl_c_while_prepare_workers_run_is_one_line_and_exit_130(tmp_path, tin
         if proc.poll() is None:  # hung: take its whole group down, workers included
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 130, stderr[-3000:]
+    assert proc.returncode == 130, (stdout, stderr[-3000:])
     assert stdout == ""
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     messages = [line for line in stderr.splitlines() if not line.startswith(("tokenising ", "writing "))]
