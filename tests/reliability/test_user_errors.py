@@ -125,6 +125,13 @@ def test_a_name_too_long_met_inside_a_stage_is_one_line(cli, tmp_path, monkeypat
 
 
 @pytest.mark.slow
+def _sigint_as_in_a_terminal() -> None:
+    """A process started with SIGINT ignored keeps it ignored (Python then installs no KeyboardInterrupt handler,
+    rightly: a background job is not to be interrupted by Ctrl-C). pytest-xdist's workers run with SIGINT
+    ignored, so the child gets the disposition an interactive shell gives a foreground command."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_prepare_workers_run_is_one_line_and_exit_130(tmp_path, tiny_llama):
     """What a terminal does on Ctrl-C: SIGINT to the whole foreground process group, map's workers included."""
     with (tmp_path / "rows.jsonl").open("w") as handle:
@@ -140,7 +147,7 @@ def test_ctrl_c_while_prepare_workers_run_is_one_line_and_exit_130(tmp_path, tin
     proc = subprocess.Popen([sys.executable, "-m", "rdro_cli", "prepare", "--dataset", tmp_path / "rows.jsonl",
                              "--model", tiny_llama, "--out", out, "--set", "data.num_proc=2"],
                             env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 120
         # the workers are writing (datasets names each worker's file tmp* until its shard is done)
