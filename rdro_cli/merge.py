@@ -193,7 +193,6 @@ def run(cfg: Recipe, *, adapter: Path | None = None, out: Path | None = None, fo
         raise UserError(f"{adapter}: neither a LoRA adapter ({ADAPTER_CONFIG}) nor a model (config.json)")
     outputs.claim(out, "merge", inputs=[adapter, *outputs.local_paths(cfg.model.name)])
 
-
     adapter_config = read_adapter_config(adapter)
     base = cfg.model.name or adapter_config.get("base_model_name_or_path") or ""
     if not base:

@@ -1,1 +1,2 @@
-"""From a dataset to tokenised rows: sources, row parsing, templating and tokenising, piece encoding, the held-out split, the artifact's files."""
+"""From a dataset to tokenised rows: sources, row rules, templating and tokenising, piece encoding, the
+held-out split, the artifact's files."""

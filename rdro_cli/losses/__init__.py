@@ -1,1 +1,2 @@
-"""The losses and their registry (losses.registry): one module per family."""
+"""The losses: `registry.py` says everything about each one; one module per family; `state.py` the running
+state some keep across steps."""

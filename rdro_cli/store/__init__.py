@@ -1,1 +1,2 @@
-"""Everything about what rdro keeps on disk: durable writes, manifests and their integrity, digests, locks, where a stage may write, disk space, training checkpoints and model cards. Imports nothing above it (no command, no lm/ or training/)."""
+"""What rdro keeps on disk: durable writes and atomic directories, manifests and their integrity, file
+digests (one cache), output locks, where a stage may write, disk space. Imports no other library."""
