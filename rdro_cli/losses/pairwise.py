@@ -32,6 +32,18 @@ def _pair_stats(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tens
     }
 
 
+def dpo_loss(
+    chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *, beta: float = 0.1
+) -> LossOutput:
+    """Direct preference optimisation on pairs (docs/losses.md, DPO)::
+
+        l = softplus(-beta * (r_w - r_l)) = -log sigmoid(beta * (r_w - r_l))
+    """
+    _check_pairs(chosen_logratios, rejected_logratios)
+    margin = beta * (chosen_logratios - rejected_logratios)
+    return LossOutput(F.softplus(-margin), _pair_stats(chosen_logratios, rejected_logratios, margin))
+
+
 # A Bregman generator h, given as two functions of rho = log R:
 #   a(rho) = h'(R) R - h(R)   and   b(rho) = h'(R)
 # For the ratio R = q(swapped pair) / q(pair) the Bregman ratio-matching risk is
@@ -107,26 +119,3 @@ def pmle_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, *, gamma
         raise ValueError(f"gamma must be > 0, got {gamma}")
     margin = gamma * (chosen_logps - rejected_logps)
     return LossOutput(F.softplus(-margin), _pair_stats(chosen_logps, rejected_logps, margin))
-
-
-def dpo_loss(
-    chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *, beta: float = 0.1
-) -> LossOutput:
-    """Direct preference optimisation on pairs (docs/losses.md, DPO)::
-
-        l = softplus(-beta * (r_w - r_l)) = -log sigmoid(beta * (r_w - r_l))
-    """
-    if chosen_logratios.shape != rejected_logratios.shape:
-        raise ValueError(
-            f"chosen {tuple(chosen_logratios.shape)} and rejected {tuple(rejected_logratios.shape)} differ"
-        )
-    margin = beta * (chosen_logratios - rejected_logratios)
-    losses = F.softplus(-margin)
-    chosen, rejected = chosen_logratios.detach(), rejected_logratios.detach()
-    stats = {
-        "logratio_preferred": chosen.mean(),
-        "logratio_non_preferred": rejected.mean(),
-        "logratio_max": torch.maximum(chosen.max(), rejected.max()),
-        "reward_accuracy": (margin.detach() > 0).to(chosen.dtype).mean(),
-    }
-    return LossOutput(losses, stats)
