@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from rdro_cli.errors import UserError
 
 _TRUE = {"true", "1", "yes", "y", "t", "preferred", "good", "desirable"}
-
-
 _FALSE = {"false", "0", "no", "n", "f", "not_preferred", "bad", "undesirable"}
 
 

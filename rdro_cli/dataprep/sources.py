@@ -23,14 +23,8 @@ SHORT_NAMES = {
     "mix14k": "trl-lib/kto-mix-14k",
     "ufg": "trl-lib/ultrafeedback-gpt-3.5-turbo-helpfulness",
 }
-
-
 PACKAGED = {"demo": ("demo_train.jsonl", "demo_test.jsonl")}
-
-
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-
 RAW_FEATURES = {"_raw": "string", "_n": "int64"}
 
 

@@ -29,8 +29,6 @@ FEATURES = {
     "_truncated_prompt": "bool", "_truncated_completion": "bool", "_dropped": "bool", "_control_text": "bool",
     "_control_unprotected": "bool", "_max_id": "int64",
 }
-
-
 _SENTINEL = "\ue000{}\ue001"  # private-use characters: stand-ins for message contents while rendering
 
 

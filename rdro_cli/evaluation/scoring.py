@@ -26,8 +26,6 @@ def auc(scores, labels) -> float | None:
 
 
 ANSWER_PHRASE = re.compile(r"the answer is\s*:?\s*(.*)", re.IGNORECASE | re.DOTALL)
-
-
 OPTION = re.compile(r"\(([A-Za-z])\)|([A-Za-z])$")
 
 

@@ -15,17 +15,9 @@ from torch import nn
 from rdro_cli.errors import UserError
 
 PICKLE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
-
-
 ADAPTER_CONFIG = "adapter_config.json"
-
-
 CONFIG_FILES = ("config.json", ADAPTER_CONFIG)
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 

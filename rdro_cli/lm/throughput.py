@@ -40,8 +40,6 @@ from rdro_cli.store import digests, durable
 
 # Cap of (2): beyond it the DP makes one group per micro-batch anyway; keeps the cache JSON finite.
 MAX_GROUP_COST = 1e9
-
-
 # Floor of the measured cost: the fixed 512 that issue 10 tuned on CPU. Model (1) is linear, but on a CPU
 # small matmuls are also less efficient per token and each group adds backward/autograd overhead that a
 # no-grad forward does not show: measured there (llama-cpu, 2 busy cores), (2) came out at 131 tokens, and
@@ -49,11 +47,8 @@ MAX_GROUP_COST = 1e9
 # (21 groups instead of 12). The measurement may only raise the cost, which it does on GPUs by orders of
 # magnitude (launch-bound forwards).
 MIN_GROUP_COST = 512.0
-
-
 # Two shapes for (1): one row of 32 tokens (launch-bound everywhere) and 8 rows of 256 (2048 tokens).
 SHAPES = ((1, 32), (8, 256))
-
 
 # Dense (no sparsity) bf16 tensor-core FLOP/s per device, from the vendors' datasheets. Matched in order
 # against torch.cuda.get_device_name(), so the more specific names come first.

@@ -15,10 +15,7 @@ from rdro_cli.reporting.numbers import accuracy_metrics, bound, ema, recorded_au
 from rdro_cli.reporting.runs import RunData
 
 DPI = 110
-
-
 MISSING_MATPLOTLIB = "rdro report needs matplotlib: pip install 'rdro-cli[report]'"
-
 
 # One PNG per training quantity: file stem, title, y label, metrics.jsonl fields drawn in it.
 # A panel is drawn when any run logged a finite value of one of its fields.
@@ -34,14 +31,8 @@ TRAINING_PANELS = (
     ("delta", "BCO running mean δ", "δ", ("delta",)),
     ("tokens_per_s", "Throughput", "tokens / s", ("tokens_per_s",)),
 )
-
-
 FIELD_NAMES = {"logratio_preferred": "preferred", "logratio_non_preferred": "non-preferred"}
-
-
 HISTOGRAM = "logratio_hist"
-
-
 ACCURACY = "eval_accuracy"
 
 

@@ -21,8 +21,6 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 METRICS = "metrics.jsonl"
-
-
 BASELINE_DIR = "eval-base"
 
 

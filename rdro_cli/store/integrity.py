@@ -16,14 +16,8 @@ from pathlib import Path
 from rdro_cli.store.digests import digest_cached
 
 MANIFEST = "manifest.json"
-
-
 FILES_KEY = "files"
-
-
 SELF_KEY = "manifest_digest"
-
-
 # Parts of a stage directory its manifest does not cover: checkpoints carry their own digests
 # (state.json) and come and go during training; tb/ is a log that a tracker may still append to.
 NOT_SEALED = {"train": ("checkpoints", "tb")}

@@ -23,8 +23,6 @@ from rdro_cli.store import durable, locks, manifests
 # written into a stage directory that is worked on in place (train) before anything else, so an
 # unfinished run is recognised as the stage's own
 STAGE_FILE = ".rdro-stage"
-
-
 # what a train directory of rdro 0.1 (before STAGE_FILE) can hold
 _LEGACY_TRAIN_ENTRIES = {"metrics.jsonl", "checkpoints", "final", "tb", manifests.MANIFEST}
 

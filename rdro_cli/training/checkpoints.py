@@ -30,11 +30,7 @@ from rdro_cli.store import digests, diskspace, durable, integrity, manifests
 from rdro_cli.training import model_card
 
 CHECKPOINT = re.compile(r"^step-(\d{7})$")
-
-
 STATE_FILE = "state.json"
-
-
 METRICS_FILE = "metrics.jsonl"
 
 

@@ -23,11 +23,7 @@ from rdro_cli.recipe import Recipe
 from rdro_cli.store import manifests
 
 CARD_FILE = "README.md"
-
-
 ARXIV = "2604.04410"
-
-
 CITATION = f"""@misc{{rdro,
   note          = {{Relative Density Ratio Optimization (RDRO)}},
   eprint        = {{{ARXIV}}},

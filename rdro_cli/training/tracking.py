@@ -21,11 +21,7 @@ if TYPE_CHECKING:
 
 
 PROJECT = "rdro"
-
-
 TENSORBOARD_DIR = "tb"
-
-
 # pip distribution of each tracker whose name differs from its recipe name
 PIP_NAMES = {"comet_ml": "comet-ml"}
 
