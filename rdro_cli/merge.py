@@ -145,8 +145,8 @@ def recorded_base(adapter: Path) -> tuple[str | None, str | None]:
             block = {}
         if block.get("base_model_fingerprint"):
             return block.get("base_model"), block["base_model_fingerprint"]
-    manifest = manifests.read_manifest(adapter.parent) if adapter.name == "final" else None
-    if manifest and manifest.get("stage") == "train" and manifest.get("inputs", {}).get("model"):
+    manifest = manifests.training_manifest(adapter)
+    if manifest and manifest.get("inputs", {}).get("model"):
         return manifest.get("config", {}).get("model", {}).get("name"), manifest["inputs"]["model"]
     return None, None
 

@@ -70,22 +70,11 @@ def check_model(name: str, cfg: Recipe) -> dict:
     return {"model": model_fingerprint(name, revision=cfg.model.revision or None)}
 
 
-def _training_manifest(model: Path) -> dict | None:
-    """The train manifest a model directory came from: `<train>/final`, or a merge of such an adapter."""
-    manifest = manifests.read_manifest(model)
-    if manifest and manifest.get("stage") == "merge" and manifest.get("adapter"):
-        model = Path(manifest["adapter"])
-    if model.name != "final":
-        return None
-    manifest = manifests.read_manifest(model.parent)
-    return manifest if manifest and manifest.get("stage") == "train" else None
-
-
 def provenance_warnings(model_name: str, inputs: dict) -> list[str]:
     """What eval should say when the model was trained by rdro on another prepare artifact than the one it
     scores (whose test split may then hold its training prompts), or against other reference log-probs."""
     local = Path(model_name).expanduser()
-    manifest = _training_manifest(local) if local.is_dir() else None
+    manifest = manifests.training_manifest(local) if local.is_dir() else None
     if manifest is None:
         return []
     found = []

@@ -105,6 +105,19 @@ def require_finished_model(model_dir: Path) -> None:
         require_input(model_dir, "merge")
 
 
+def training_manifest(model_dir: Path) -> dict | None:
+    """The manifest of the train run a model directory came from: `<train>/final` itself, or a merge of such an
+    adapter (its manifest names the adapter); None for any other model."""
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    if manifest and manifest.get("stage") == "merge" and manifest.get("adapter"):
+        model_dir = Path(manifest["adapter"])
+    if model_dir.name != "final":
+        return None
+    manifest = read_manifest(model_dir.parent)
+    return manifest if manifest and manifest.get("stage") == "train" else None
+
+
 def check_inputs_match(directory: Path, manifest: dict, expected: dict[str, str], *, rerun: str) -> None:
     """Refuses an artifact whose recorded inputs differ from the ones at hand."""
     recorded = manifest.get("inputs", {})
