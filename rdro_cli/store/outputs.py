@@ -167,9 +167,9 @@ def claim(out: Path, stage: str, *, inputs: Iterable[Path | str | None] = (), is
     return out
 
 
-def made_from(artifact: Path) -> list[Path]:
-    """The finished artifacts beside `artifact` (the other stages of its run directory) whose manifests record
-    `artifact`'s fingerprint among their inputs: what replacing it would leave stale."""
+def made_from(artifact: Path) -> list[tuple[Path, str]]:
+    """(directory, stage) of the finished artifacts beside `artifact` (the other stages of its run directory)
+    whose manifests record `artifact`'s fingerprint among their inputs: what replacing it would leave stale."""
     artifact = Path(artifact)
     manifest = manifests.read_manifest(artifact)
     if manifest is None or not artifact.parent.is_dir():
@@ -179,9 +179,10 @@ def made_from(artifact: Path) -> list[Path]:
     for sibling in sorted(artifact.parent.iterdir()):
         if sibling == artifact or not sibling.is_dir():
             continue
-        recorded = (manifests.read_manifest(sibling) or {}).get("inputs")
+        other = manifests.read_manifest(sibling) or {}
+        recorded = other.get("inputs")
         if isinstance(recorded, dict) and fingerprint in recorded.values():
-            found.append(sibling)
+            found.append((sibling, other.get("stage")))
     return found
 
 
@@ -194,7 +195,7 @@ def refuse_replacing_used(out: Path, stage: str, fingerprint: str, *, force: boo
         return
     users = made_from(out)
     if users:
-        names = ", ".join(f"{p.name}/ ({(manifests.read_manifest(p) or {}).get('stage')})" for p in users)
+        names = ", ".join(f"{path.name}/ ({used_by})" for path, used_by in users)
         raise UserError(f"{out}: holds the {stage} artifact that {names} of this run were made from, and this "
                         f"command would replace it with one of other inputs or settings; write it elsewhere "
                         f"(--out, or another output.dir), or pass --force to replace it (they are then stale)")
