@@ -62,7 +62,7 @@ def packed_completion_logps(model: nn.Module, packed: PackedBatch, *, chunk_size
 
 
 def completion_logps_of(model, input_ids, attention_mask, position_ids, completion_mask, row_index, rows,
-                      chunk_size) -> torch.Tensor:
+                        chunk_size) -> torch.Tensor:
     """Shared by the padded and the packed path: ``row_index[b, t]`` is the output row of token (b, t)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -31,7 +31,7 @@ def class_weights(labels: torch.Tensor, preferred_fraction: float, like: torch.T
 
 
 def weighted(losses: torch.Tensor, labels: torch.Tensor, weighting: str,
-              preferred_fraction: float | None) -> torch.Tensor:
+             preferred_fraction: float | None) -> torch.Tensor:
     """`batch`: as they are; `balanced`: each class weighted to count half (its optimum ignores pi-hat)."""
     if weighting == "balanced":
         if preferred_fraction is None or not 0.0 < preferred_fraction < 1.0:

@@ -85,7 +85,7 @@ def read_inputs(cfg: Recipe, data_dir: Path, logprobs_dir: Path, spec: LossSpec)
 
 
 def load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifest: dict | None,
-               spec: LossSpec) -> TrainRows:
+              spec: LossSpec) -> TrainRows:
     import datasets
     from safetensors.torch import load_file
 
@@ -121,7 +121,7 @@ def load_rows(cfg: Recipe, data_dir: Path, logprobs_dir: Path, logprobs_manifest
 
 
 def check_reference(cfg: Recipe, logprobs_dir: Path, logprobs_manifest: dict | None,
-                     policy_fingerprint: str) -> dict | None:
+                    policy_fingerprint: str) -> dict | None:
     """The model the reference log-probs were computed with: {"name", "fingerprint"} (None: reference-free).
 
     It must be the policy's initialisation (the log-ratio then starts at 0), compared by content, not by name:
