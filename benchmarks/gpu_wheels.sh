@@ -4,7 +4,8 @@
 # The image already has torch, transformers, accelerate, peft, safetensors, typer, rich, pyarrow, pandas,
 # xxhash, fsspec and huggingface-hub; it lacks datasets (and its dill and multiprocess) and trl. The
 # versions are this machine's (the ones the tests ran with) unless PACKAGES names others.
-#   benchmarks/gpu_wheels.sh              # then: run(command="bash benchmarks/gpu_check.sh", carry=["wheels"])
+#   benchmarks/gpu_wheels.sh              # then copy the tree with wheels/ to the CUDA machine and run
+#                                         # bash benchmarks/gpu_check.sh there
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
