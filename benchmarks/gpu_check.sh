@@ -114,8 +114,8 @@ for name in ("transformers", "accelerate", "peft", "datasets", "trl", "pyarrow",
         info[name] = importlib.import_module(name).__version__
     except Exception as err:  # noqa: BLE001 -- report any import failure, keep going
         info[name] = f"import failed: {type(err).__name__}: {err}"[:200]
-from rdro_cli import modeling, throughput
-info["packing_supported"] = modeling.packing_supported()
+from rdro_cli.lm import fast_paths, throughput
+info["packing_supported"] = fast_paths.packing_supported()
 info["peak_flops"] = throughput.peak_flops(info["device_name"])
 print(json.dumps(info))
 EOF
